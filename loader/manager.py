@@ -1,0 +1,184 @@
+"""The ModelManager: one per process, holding models warm across graph executions.
+
+Models are keyed by the file's identity (real path, size, mtime, inode) and by the options
+that change the bytes held (dtype). Two loader nodes naming one file share one entry; a
+file changed on disk gets a new key and is read again. Entries are evicted least recently
+used first when the host-RAM budget is exceeded. The manager counts every byte read from
+disk and copied host-to-device, for the stats route and the nodes' figures.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .options import GIB, LoadOptions
+from .params import ParamStore
+from .safetensors_file import FileIdentity, ReadCounter, SafetensorsFile
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_RAM_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    identity: FileIdentity
+    kind: str
+    options_key: tuple
+
+
+@dataclass
+class ModelEntry:
+    """A model held by the manager: its params store and what the builder made of it."""
+
+    key: ModelKey
+    store: ParamStore
+    value: Any = None
+    budget_bytes: int | None = None
+    device_bytes: Callable[[], int] = lambda: 0
+    on_evict: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return self.key.identity.path
+
+    @property
+    def host_bytes(self) -> int:
+        return self.store.bound_bytes
+
+    def describe(self) -> dict:
+        return {
+            "path": self.path,
+            "kind": self.key.kind,
+            "bytes": self.store.file.header.data_bytes,
+            "host_resident_bytes": self.store.loaded_host_bytes,
+            "vram_resident_bytes": int(self.device_bytes()),
+            "budget_bytes": self.budget_bytes,
+        }
+
+
+class ModelManager:
+    """Process-wide cache of loaded models under a host-RAM budget (LRU eviction)."""
+
+    def __init__(self, ram_budget_bytes: int | None = None):
+        self.ram_budget_bytes = ram_budget_bytes if ram_budget_bytes is not None else _default_ram_budget()
+        self.read_counter = ReadCounter()
+        self.h2d_bytes = 0
+        self.evictions = 0
+        self.reloads = 0
+        self._entries: OrderedDict[ModelKey, ModelEntry] = OrderedDict()
+        self._lock = threading.RLock()
+
+    @property
+    def disk_bytes_read(self) -> int:
+        return self.read_counter.bytes_read
+
+    def get_or_load(self, path: str, kind: str, options: LoadOptions,
+                    build: Callable[[ModelEntry], Any],
+                    progress: Callable[[int, int], None] | None = None) -> ModelEntry:
+        """Return the held entry for ``path``, building it from a new params store if needed.
+
+        Args:
+            kind: what is built from the file ("checkpoint", "diffusion_model", "vae").
+            build: turns the new entry (its params store) into the held value (ComfyUI objects).
+            progress: eager loads report ``progress(done_bytes, total_bytes)``.
+        """
+        key = ModelKey(FileIdentity.of(path), kind, options.cache_key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._load(key, build)
+            else:
+                self._entries.move_to_end(key)
+        if options.eager_load:
+            entry.store.load_all(progress)
+        return entry
+
+    def _load(self, key: ModelKey, build: Callable[[ModelEntry], Any]) -> ModelEntry:
+        self._drop_stale_versions(key)
+        store = ParamStore(SafetensorsFile(key.identity.path, self.read_counter))
+        entry = ModelEntry(key, store)
+        entry.value = build(entry)
+        self._entries[key] = entry
+        log.info("StreamLoader: holding %s (%s, %.2f GiB)", key.identity.path, key.kind, entry.host_bytes / GIB)
+        self._evict_to_budget(keep=key)
+        return entry
+
+    def _drop_stale_versions(self, key: ModelKey) -> None:
+        for old in [k for k in self._entries if k.identity.path == key.identity.path and k.identity != key.identity]:
+            log.info("StreamLoader: %s changed on disk; reading it again", old.identity.path)
+            self.reloads += 1
+            self._evict(old)
+
+    def _evict_to_budget(self, keep: ModelKey) -> None:
+        while self.held_host_bytes() > self.ram_budget_bytes:
+            victim = next((k for k in self._entries if k != keep), None)
+            if victim is None:
+                return
+            log.info("StreamLoader: evicting %s to stay within the RAM budget", victim.identity.path)
+            self.evictions += 1
+            self._evict(victim)
+
+    def _evict(self, key: ModelKey) -> None:
+        entry = self._entries.pop(key)
+        for callback in entry.on_evict:
+            callback()
+
+    def held_host_bytes(self) -> int:
+        return sum(e.host_bytes for e in self._entries.values())
+
+    def entries(self) -> list[ModelEntry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def record_h2d(self, nbytes: int) -> None:
+        with self._lock:
+            self.h2d_bytes += nbytes
+
+    def release_all(self) -> int:
+        """Drop every held model; returns how many were dropped."""
+        with self._lock:
+            keys = list(self._entries)
+            for key in keys:
+                self._evict(key)
+        return len(keys)
+
+    def stats(self) -> dict:
+        entries = self.entries()
+        return {
+            "disk_bytes_read": self.disk_bytes_read,
+            "h2d_bytes": self.h2d_bytes,
+            "ram_budget_bytes": self.ram_budget_bytes,
+            "held_host_bytes": sum(e.host_bytes for e in entries),
+            "evictions": self.evictions,
+            "reloads": self.reloads,
+            "models": [e.describe() for e in entries],
+        }
+
+
+def _default_ram_budget() -> int:
+    configured = os.environ.get("STREAMLOADER_RAM_BUDGET_GB")
+    if configured:
+        try:
+            return int(float(configured) * GIB)
+        except ValueError:
+            raise ValueError(f"STREAMLOADER_RAM_BUDGET_GB must be a number of GiB, not {configured!r}") from None
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_RAM_SHARE)
+
+
+_manager: ModelManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_manager() -> ModelManager:
+    """The process-wide manager; nodes never construct their own."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = ModelManager()
+        return _manager

@@ -1,0 +1,112 @@
+"""Builds ComfyUI objects from the ModelManager's params stores, with core's own loaders.
+
+Core loaders are handed the store's lazy state dict, so ComfyUI's detection, key
+conversion and model classes do the work while the weights stay bound to the store.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import comfy.sd
+import folder_paths
+import torch
+
+from ..loader import LazyTensor, LoadOptions, ModelEntry, ModelFileError, ParamStore
+from .patcher import StreamModelPatcher, adopt, device_bytes
+
+_UNET_DTYPES = {
+    "default": None,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+@dataclass
+class CheckpointParts:
+    model: StreamModelPatcher
+    clip: comfy.sd.CLIP | None
+    vae: comfy.sd.VAE | None
+
+
+def _non_dynamic(fn) -> dict:
+    """Upstream's DynamicVRAM would manage these weights too; ask for a plain patcher."""
+    return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(fn).parameters else {}
+
+
+def _metadata(store: ParamStore) -> dict | None:
+    return store.file.header.metadata or None
+
+
+def _check_built(store: ParamStore, what: str, *modules: torch.nn.Module) -> None:
+    if any(isinstance(p, LazyTensor) for m in modules for p in m.parameters()):
+        raise RuntimeError(f"ComfyUI kept unread placeholders in {what} from `{store.file.path}`; "
+                           "this model format is not supported by StreamLoader yet, use the core loader")
+
+
+def build_checkpoint(entry: ModelEntry) -> CheckpointParts:
+    store = entry.store
+    loader = comfy.sd.load_state_dict_guess_config
+    out = loader(store.lazy_state_dict(), output_vae=True, output_clip=True,
+                 embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                 metadata=_metadata(store), **_non_dynamic(loader))
+    if out is None or out[0] is None:
+        raise ModelFileError(store.file.path, "ComfyUI does not recognise a diffusion model in it",
+                             "Pick a checkpoint that core `Load Checkpoint` accepts.")
+    model, clip, vae = adopt(out[0], entry), out[1], out[2]
+    modules = [model.model]
+    if clip is not None:
+        clip.patcher = adopt(clip.patcher, entry)
+        modules.append(clip.cond_stage_model)
+    if vae is not None:
+        vae.patcher = adopt(vae.patcher, entry)
+        modules.append(vae.first_stage_model)
+    _check_built(store, "the checkpoint", *modules)
+    entry.device_bytes = lambda: device_bytes(*modules)
+    return CheckpointParts(model, clip, vae)
+
+
+def build_diffusion_model(entry: ModelEntry, options: LoadOptions) -> StreamModelPatcher:
+    store = entry.store
+    loader = comfy.sd.load_diffusion_model_state_dict
+    model_options = {}
+    if _UNET_DTYPES[options.weight_dtype] is not None:
+        model_options["dtype"] = _UNET_DTYPES[options.weight_dtype]
+    if options.weight_dtype == "fp8_e4m3fn_fast":
+        model_options["fp8_optimizations"] = True
+    patcher = loader(store.lazy_state_dict(), model_options=model_options, metadata=_metadata(store),
+                     **_non_dynamic(loader))
+    if patcher is None:
+        raise ModelFileError(store.file.path, "ComfyUI does not recognise a diffusion model in it",
+                             "Pick a file that core `Load Diffusion Model` accepts.")
+    ours = adopt(patcher, entry)
+    _check_built(store, "the diffusion model", ours.model)
+    entry.device_bytes = lambda: device_bytes(ours.model)
+    return ours
+
+
+def build_vae(entry: ModelEntry) -> comfy.sd.VAE:
+    store = entry.store
+    vae = comfy.sd.VAE(sd=store.lazy_state_dict(), metadata=_metadata(store))
+    if getattr(vae, "first_stage_model", None) is None:
+        raise ModelFileError(store.file.path, "ComfyUI does not recognise a VAE in it",
+                             "Pick a file that core `Load VAE` accepts.")
+    vae.patcher = adopt(vae.patcher, entry)
+    _check_built(store, "the VAE", vae.first_stage_model)
+    entry.device_bytes = lambda: device_bytes(vae.first_stage_model)
+    return vae
+
+
+def vae_with_options(vae: comfy.sd.VAE, options: LoadOptions) -> comfy.sd.VAE:
+    """A shallow copy of a held VAE whose patcher carries this node's options."""
+    out = copy.copy(vae)
+    out.patcher = vae.patcher.with_options(options)
+    return out
+
+
+def clip_with_options(clip: comfy.sd.CLIP, options: LoadOptions) -> comfy.sd.CLIP:
+    out = clip.clone()
+    out.patcher = clip.patcher.with_options(options)
+    return out

@@ -1,0 +1,96 @@
+"""Loader nodes: resolve the file, build LoadOptions, ask the ModelManager, wrap the result."""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..loader import GIB, LoadOptions, get_manager
+from ..loader.options import WEIGHT_DTYPES
+from . import bridge
+from .inputs import eager_input, offload_input, to_options, toggle_inputs
+
+_MIB = 1024**2
+
+
+def _progress_bar():
+    """A ComfyUI progress bar fed in MiB by eager loads."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = comfy.utils.ProgressBar(max(total // _MIB, 1))
+        bar.update_absolute(done // _MIB)
+
+    return update
+
+
+def _load(folder: str, name: str, kind: str, options: LoadOptions, build):
+    path = folder_paths.get_full_path_or_raise(folder, name)
+    return get_manager().get_or_load(path, kind, options, build, progress=_progress_bar())
+
+
+def _notes_ui(options: LoadOptions, entry) -> dict:
+    has_gpu = not comfy.model_management.is_device_cpu(comfy.model_management.get_torch_device())
+    held = entry.store.loaded_host_bytes / GIB
+    lines = [f"held: {held:.2f} GiB in RAM" + (" (reads on first use)" if not entry.store.is_loaded else "")]
+    return {"text": lines + options.notes(has_gpu)}
+
+
+class StreamLoaderCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamLoaderCheckpoint", display_name="Load Checkpoint (Stream)", category="loaders/stream",
+            description="Loads a checkpoint into the process-wide StreamLoader cache; later runs read nothing from disk.",
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")), *toggle_inputs()],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, **toggles) -> io.NodeOutput:
+        options = to_options(**toggles)
+        entry = _load("checkpoints", ckpt_name, "checkpoint", options, bridge.build_checkpoint)
+        parts = entry.value
+        clip = bridge.clip_with_options(parts.clip, options) if parts.clip is not None else None
+        vae = bridge.vae_with_options(parts.vae, options) if parts.vae is not None else None
+        return io.NodeOutput(parts.model.with_options(options), clip, vae, ui=_notes_ui(options, entry))
+
+
+class StreamLoaderDiffusionModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamLoaderDiffusionModel", display_name="Load Diffusion Model (Stream)", category="loaders/stream",
+            description="Loads a diffusion model into the process-wide StreamLoader cache.",
+            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models")),
+                    io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES)), *toggle_inputs()],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, **toggles) -> io.NodeOutput:
+        options = to_options(**toggles)
+        entry = _load("diffusion_models", unet_name, "diffusion_model", options,
+                      lambda e: bridge.build_diffusion_model(e, options))
+        return io.NodeOutput(entry.value.with_options(options), ui=_notes_ui(options, entry))
+
+
+class StreamLoaderVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StreamLoaderVAE", display_name="Load VAE (Stream)", category="loaders/stream",
+            description="Loads a VAE into the process-wide StreamLoader cache.",
+            inputs=[io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae")),
+                    offload_input(), eager_input()],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, **toggles) -> io.NodeOutput:
+        options = to_options(**toggles)
+        entry = _load("vae", vae_name, "vae", options, bridge.build_vae)
+        return io.NodeOutput(bridge.vae_with_options(entry.value, options), ui=_notes_ui(options, entry))
