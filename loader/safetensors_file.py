@@ -125,7 +125,8 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
 def _parse_entry(name: str, spec: object, data_start: int, data_size: int, path: str) -> TensorEntry:
     if not isinstance(spec, dict):
         raise ModelFileError(path, f"the header entry of tensor `{name}` is not a JSON object")
-    dtype = _DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    dtype_name = spec.get("dtype")
+    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise ModelFileError(path, f"tensor `{name}` has an unsupported dtype {spec.get('dtype')!r}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")

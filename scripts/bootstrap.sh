@@ -15,7 +15,9 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   echo "bootstrap: building venv $venv" >&2
   python3.11 -m venv "$venv"
-  "$venv/bin/pip" install -q --no-compile $torch_pins -r "$repo/requirements-comfy.txt" -r "$repo/requirements-dev.txt" >&2
+  # pip's find-links warnings about absent local folders are noise; a failed install still fails.
+  "$venv/bin/pip" install -q --no-compile $torch_pins -r "$repo/requirements-comfy.txt" \
+    -r "$repo/requirements-dev.txt" 2> >(grep -v "^WARNING: Location" >&2)
   touch "$venv/.complete"
 fi
 

