@@ -78,6 +78,18 @@ def save(sd: dict, path: str) -> None:
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
 
 
+def sd15_lora(unet: dict, gen: torch.Generator, rank: int = 4) -> dict:
+    """A LoRA in the kohya naming core LoraLoader reads, on the UNet's attention projections."""
+    lora = {}
+    for key, weight in unet.items():
+        if key.endswith(("attn1.to_q.weight", "attn2.to_v.weight")):
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            lora[f"{name}.lora_down.weight"] = (0.1 * torch.randn(rank, weight.shape[1], generator=gen)).half()
+            lora[f"{name}.lora_up.weight"] = (0.1 * torch.randn(weight.shape[0], rank, generator=gen)).half()
+            lora[f"{name}.alpha"] = torch.tensor(float(rank)).half()
+    return lora
+
+
 def main(models_dir: str) -> None:
     gen = torch.Generator().manual_seed(SEED)
     unet = seeded_state_dict(build_unet(SD15_UNET, "SD15"), torch.float16, gen)
@@ -90,6 +102,7 @@ def main(models_dir: str) -> None:
     save(checkpoint, f"{models_dir}/checkpoints/tiny_sd15.safetensors")
     save(unet, f"{models_dir}/diffusion_models/tiny_sd15_unet.safetensors")
     save(taesd, f"{models_dir}/vae/tiny_taesd.safetensors")
+    save(sd15_lora(unet, gen), f"{models_dir}/loras/tiny_sd15_lora.safetensors")
     mmdit = seeded_state_dict(build_unet(SD3_MMDIT, "SD3"), torch.bfloat16, gen)
     check_detected(mmdit, "", "SD3")
     save(mmdit, f"{models_dir}/diffusion_models/tiny_sd3_mmdit.safetensors")
