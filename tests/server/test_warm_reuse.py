@@ -1,0 +1,111 @@
+"""A real ComfyUI server, API workflows queued twice: the second run reads nothing from disk."""
+import copy
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+from PIL import Image
+
+from comfy_server import REPO, executed_nodes
+
+pytestmark = pytest.mark.server
+
+WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
+
+
+@pytest.fixture
+def prompt():
+    with open(WORKFLOW) as f:
+        return json.load(f)
+
+
+@pytest.fixture(autouse=True)
+def cold(server):
+    """Every test starts with nothing held by ComfyUI or the pack."""
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    server.post("/streamloader/release", {})
+
+
+def disk_read(server, prompt) -> tuple[int, dict]:
+    before = server.get("/streamloader/stats")["disk_bytes_read"]
+    record = server.run(prompt)
+    return server.get("/streamloader/stats")["disk_bytes_read"] - before, record
+
+
+def image_digest(server, record) -> str:
+    """Digest of the pixels (the PNG's metadata holds the prompt, which differs)."""
+    image = record["outputs"]["7"]["images"][0]
+    with Image.open(server.output_path(image)) as png:
+        return hashlib.sha256(png.tobytes()).hexdigest()
+
+
+def test_stats_route_shape(server, prompt):
+    server.run(prompt)
+    stats = server.get("/streamloader/stats")
+    assert isinstance(stats["disk_bytes_read"], int) and isinstance(stats["h2d_bytes"], int)
+    (model,) = stats["models"]
+    assert model["path"].endswith("tiny_sd15.safetensors")
+    assert model["bytes"] > 0 and model["host_resident_bytes"] > 0
+    assert {"vram_resident_bytes", "budget_bytes"} <= model.keys()
+    assert server.get("/api/streamloader/stats")["disk_bytes_read"] == stats["disk_bytes_read"]
+
+
+def test_second_run_reads_nothing_even_after_free(server, prompt):
+    first, record = disk_read(server, prompt)
+    assert first > 0
+    prompt["5"]["inputs"]["seed"] = 43
+    second, _ = disk_read(server, prompt)
+    assert second == 0
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    third, record3 = disk_read(server, prompt)
+    assert third == 0
+    assert "1" in executed_nodes(record3), "the loader ran again after /free"
+
+
+def test_a_toggle_that_keeps_the_bytes_reruns_the_loader_without_reading(server, prompt):
+    disk_read(server, prompt)
+    prompt["1"]["inputs"]["stream_layers"] = True
+    read, record = disk_read(server, prompt)
+    assert "1" in executed_nodes(record) and read == 0
+
+
+def test_outputs_repeat_exactly_and_release_reads_again(server, prompt):
+    _, first = disk_read(server, prompt)
+    prompt["7"]["inputs"]["filename_prefix"] = "again"
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    _, second = disk_read(server, prompt)
+    assert image_digest(server, first) == image_digest(server, second)
+    assert server.post("/streamloader/release", {})["released"] == 1
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    read, _ = disk_read(server, prompt)
+    assert read > 0 and server.get("/streamloader/stats")["models"]
+
+
+def test_core_nodes_consume_the_packs_outputs(server, prompt):
+    core = copy.deepcopy(prompt)
+    core["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                 "lora_name": "tiny_sd15_lora.safetensors", "strength_model": 0.7, "strength_clip": 0.7}}
+    core["2"]["inputs"]["clip"] = ["8", 1]
+    core["3"]["inputs"]["clip"] = ["8", 1]
+    core["5"] = {"class_type": "KSampler", "inputs": {**prompt["5"]["inputs"], "model": ["8", 0]}}
+    core["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
+    record = server.run(core)
+    assert record["outputs"]["7"]["images"]
+    read, _ = disk_read(server, {**core, "5": {**core["5"], "inputs": {**core["5"]["inputs"], "seed": 9}}})
+    assert read == 0
+
+
+def test_comfy_cli_runs_a_workflow(server, prompt, tmp_path):
+    venv = os.environ.get("VENV")
+    comfy = os.path.join(venv, "bin", "comfy") if venv else "comfy"
+    prompt["5"]["inputs"]["seed"] = 77
+    workflow = tmp_path / "wf_api.json"
+    workflow.write_text(json.dumps(prompt))
+    env = {**os.environ, "HOME": str(tmp_path), "DO_NOT_TRACK": "1"}
+    result = subprocess.run([comfy, "--skip-prompt", f"--workspace={server.comfy_path}", "run", "--workflow",
+                             str(workflow), "--wait", "--host", "127.0.0.1", "--port", str(server.port),
+                             "--timeout", "120"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert server.get("/streamloader/stats")["models"]
