@@ -2,7 +2,9 @@
 # package registries): a cached venv, ComfyUI 0.3.75 (or $COMFYUI_PATH), the tiny models.
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
-CACHE ?= $(HOME)/.cache/comfyui-streamloader
+STREAMLOADER_CACHE ?= $(HOME)/.cache/comfyui-streamloader
+export STREAMLOADER_CACHE
+CACHE := $(STREAMLOADER_CACHE)
 PORT ?= 8188
 BOOT = eval "$$(bash scripts/bootstrap.sh)"
 MODELS_DEFAULT = $(CACHE)/models-$(shell cat scripts/make_models.py | sha256sum | cut -c1-12)

@@ -50,4 +50,7 @@ class LoadOptions:
             notes.append("`stream_layers` has no effect with `offload_to_cpu` off: weights already live on the GPU.")
         elif self.stream_layers and self.max_vram_bytes == 0:
             notes.append("`stream_layers` has no effect without a `max_vram_gb` budget (0 = no cap).")
+        elif self.stream_layers:
+            notes.append("`stream_layers` adds nothing to the budget in this release: layers beyond the budget "
+                         "are streamed by ComfyUI's per-layer path either way.")
         return notes

@@ -22,4 +22,4 @@ def test_ui_gigabytes_convert_once():
 def test_no_effect_combinations_say_so():
     assert any("stream_layers" in n for n in LoadOptions(stream_layers=True).notes(has_gpu=True))
     assert any("no GPU" in n for n in LoadOptions(stream_layers=True, max_vram_bytes=GIB).notes(has_gpu=False))
-    assert LoadOptions(stream_layers=True, max_vram_bytes=GIB).notes(has_gpu=True) == []
+    assert LoadOptions(max_vram_bytes=GIB).notes(has_gpu=True) == []
