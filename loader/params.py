@@ -143,18 +143,18 @@ class ParamStore:
 
     def _read_pending(self, pending: list[_Binding], total: int, progress) -> None:
         done = 0
-        with ThreadPoolExecutor(_READ_THREADS) as pool:
-            for binding in pool.map(self._load_binding, pending):
+        with self.file.opened() as fd, ThreadPoolExecutor(_READ_THREADS) as pool:
+            for binding in pool.map(lambda b: self._load_binding(b, fd), pending):
                 done += binding.entry.nbytes
                 if progress is not None:
                     progress(done, total)
 
-    def _load_binding(self, binding: _Binding) -> _Binding:
+    def _load_binding(self, binding: _Binding, fd: int) -> _Binding:
         data = binding.target.data
         if data.device.type == "cpu" and data.dtype == binding.entry.dtype and data.is_contiguous():
-            self.file.read_into(binding.entry, data)
+            self.file.read_into(binding.entry, data, fd)
         else:
-            _copy_into(data, self.file.read(binding.entry))
+            _copy_into(data, self.file.read(binding.entry, fd))
         binding.loaded = True
         return binding
 

@@ -8,10 +8,12 @@ host buffers that will hold them (no intermediate copy). Every byte read is coun
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -173,31 +175,47 @@ class SafetensorsFile:
     def path(self) -> str:
         return self.identity.path
 
-    def read_into(self, entry: TensorEntry, out: torch.Tensor) -> None:
-        """Read ``entry``'s bytes into ``out``, a contiguous CPU tensor of the same dtype and size."""
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[int]:
+        """A read-only descriptor of this file, checked to be the version whose header we hold.
+
+        One check per batch of reads rather than per tensor; checking the opened descriptor
+        (fstat) also leaves no gap between the check and the reads.
+        """
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns, st.st_ino) != (self.identity.size, self.identity.mtime_ns, self.identity.inode):
+                raise ModelFileError(
+                    self.path, "it changed on disk after it was opened, so its weights would be stale",
+                    "Queue the workflow again: the loader then reads the new file.")
+            yield fd
+        finally:
+            os.close(fd)
+
+    def read_into(self, entry: TensorEntry, out: torch.Tensor, fd: int | None = None) -> None:
+        """Read ``entry``'s bytes into ``out``, a contiguous CPU tensor of the same dtype and size.
+
+        Args:
+            fd: a descriptor from `opened`, to share across a batch of reads; opened here if None.
+        """
         if out.dtype != entry.dtype or out.numel() * out.element_size() != entry.nbytes or not out.is_contiguous():
             raise ValueError(f"buffer for `{entry.name}` must be contiguous {entry.dtype} of {entry.nbytes} bytes")
         if entry.nbytes == 0:
             return
-        self._check_unchanged()
+        if fd is None:
+            with self.opened() as own_fd:
+                return self.read_into(entry, out, own_fd)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb", buffering=0) as f:
-            done = 0
-            while done < entry.nbytes:
-                chunk = view[done:done + _READ_CHUNK_BYTES]
-                n = os.preadv(f.fileno(), [chunk], entry.start + done)
-                if n == 0:
-                    raise ModelFileError(self.path, f"it ended while reading tensor `{entry.name}`; it was truncated")
-                done += n
-                self._counter.add(n)
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fd, [view[done:done + _READ_CHUNK_BYTES]], entry.start + done)
+            if n == 0:
+                raise ModelFileError(self.path, f"it ended while reading tensor `{entry.name}`; it was truncated")
+            done += n
+            self._counter.add(n)
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
+    def read(self, entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
         out = torch.empty(entry.shape, dtype=entry.dtype)
-        self.read_into(entry, out)
+        self.read_into(entry, out, fd)
         return out
-
-    def _check_unchanged(self) -> None:
-        if FileIdentity.of(self.path) != self.identity:
-            raise ModelFileError(
-                self.path, "it changed on disk after it was opened, so its weights would be stale",
-                "Queue the workflow again: the loader then reads the new file.")
