@@ -1,11 +1,15 @@
-"""ComfyUI-StreamLoader's engine: params store, ModelManager, budget. Imports no ComfyUI."""
+"""ComfyUI-StreamLoader's engine: params store, ModelManager, budget, streaming. Imports no ComfyUI."""
 from .budget import resolve_budget
+from .device import Device, device_for
 from .manager import ModelEntry, ModelManager, get_manager
 from .options import GIB, LoadOptions
 from .params import LazyTensor, ParamStore
+from .planner import BudgetTooSmallError, Plan, plan_residency
 from .safetensors_file import ModelFileError, SafetensorsFile, read_header
+from .streaming import StreamEngine, StreamFigures
 
 __all__ = [
-    "GIB", "LazyTensor", "LoadOptions", "ModelEntry", "ModelFileError", "ModelManager", "ParamStore",
-    "SafetensorsFile", "get_manager", "read_header", "resolve_budget",
+    "GIB", "BudgetTooSmallError", "Device", "LazyTensor", "LoadOptions", "ModelEntry", "ModelFileError",
+    "ModelManager", "ParamStore", "Plan", "SafetensorsFile", "StreamEngine", "StreamFigures", "device_for",
+    "get_manager", "plan_residency", "read_header", "resolve_budget",
 ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .safetensors_file import SafetensorsFile, TensorEntry
+from .safetensors_file import ModelFileError, SafetensorsFile, TensorEntry
 
 _READ_THREADS = 8
 
@@ -79,6 +79,9 @@ class ParamStore:
         self.file = file
         self._bindings: list[_Binding] = []
         self._read_now_bytes = 0
+        # The first binding refused while ComfyUI built the model; torch's load_state_dict
+        # folds it into its own message, so the manager raises this one instead.
+        self.refused: ModelFileError | None = None
         self._lock = threading.RLock()
 
     def lazy_state_dict(self) -> dict[str, LazyTensor]:
@@ -89,6 +92,11 @@ class ParamStore:
         """Record that ``target`` receives ``entry``; buffers are read at once (see below)."""
         if tuple(target.shape) != entry.shape:
             raise ValueError(f"`{entry.name}` has shape {entry.shape} in the file but {tuple(target.shape)} in the model")
+        if isinstance(target, torch.nn.Parameter) and target.is_floating_point() and not entry.dtype.is_floating_point:
+            self.refused = self.refused or ModelFileError(
+                self.file.path, f"tensor `{entry.name}` is stored as {entry.dtype} but the model's weights are "
+                f"floating point ({target.dtype}); the file does not match the architecture ComfyUI detected")
+            raise self.refused
         if not isinstance(target, torch.nn.Parameter):
             # Module.to() replaces buffer tensors instead of their .data, which would orphan a
             # binding; buffers are small, so read them now.
@@ -106,6 +114,11 @@ class ParamStore:
     @property
     def pending_bytes(self) -> int:
         return sum(b.entry.nbytes for b in self._bindings if not b.loaded)
+
+    def pending_params(self) -> frozenset[int]:
+        """Ids of the bound parameters not read yet (their memory holds nothing worth copying)."""
+        with self._lock:
+            return frozenset(id(b.target) for b in self._bindings if not b.loaded)
 
     @property
     def bound_bytes(self) -> int:

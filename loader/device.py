@@ -1,0 +1,239 @@
+"""Devices the engine streams to: a CUDA GPU, or a simulated device on the CPU.
+
+Both keep the same books: every byte the engine places on the device goes through
+``allocate``, so ``held_bytes`` and ``peak_bytes`` are what the pack holds and the budget
+is checked against them. The simulated device lets CPU-only machines (and CI) run the
+planner, the ring, prefetch and the budget for real: its "device memory" is a separate
+pool of CPU tensors, and its copies are real copies, so results are bit-identical.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from .options import GIB
+
+SIMULATED_CAPACITY_ENV = "STREAMLOADER_SIMULATED_VRAM_GB"
+PINNED_CAP_ENV = "STREAMLOADER_PINNED_CAP_GB"
+_DEFAULT_PINNED_SHARE = 0.5
+_UNBOUNDED = 1 << 62
+
+
+class Device:
+    """Allocation books, copies and ordering between the copy stream and compute."""
+
+    kind = "abstract"
+
+    def __init__(self, torch_device: torch.device, capacity_bytes: int | None, pinned_cap_bytes: int):
+        self.torch_device = torch_device
+        self.capacity_bytes = capacity_bytes
+        self.pinned_cap_bytes = pinned_cap_bytes
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self.pinned_bytes = 0
+        self._lock = threading.Lock()
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            if self.capacity_bytes is not None and self.held_bytes + nbytes > self.capacity_bytes:
+                raise torch.OutOfMemoryError(
+                    f"{self.kind} device: {nbytes / GIB:.3f} GiB requested, "
+                    f"{(self.capacity_bytes - self.held_bytes) / GIB:.3f} GiB free")
+            tensor = self._empty(nbytes)
+            self.held_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+            return tensor
+
+    def release(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            self.held_bytes -= tensor.numel()
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_bytes = self.held_bytes
+
+    def free_bytes(self) -> int:
+        return _UNBOUNDED if self.capacity_bytes is None else max(self.capacity_bytes - self.held_bytes, 0)
+
+    def pin(self, host: torch.Tensor) -> bool:
+        """Page-lock a host buffer for fast async copies, within the pinned-memory cap."""
+        with self._lock:
+            if self.pinned_bytes + host.nbytes > self.pinned_cap_bytes or not self._register(host):
+                return False
+            self.pinned_bytes += host.nbytes
+            return True
+
+    def unpin(self, host: torch.Tensor) -> None:
+        with self._lock:
+            self._unregister(host)
+            self.pinned_bytes -= host.nbytes
+
+    # Subclasses: the memory and the streams.
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _register(self, host: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _unregister(self, host: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
+        """Copy ``src`` into ``dst`` once ``after`` (an event of compute) has passed; returns its event."""
+        raise NotImplementedError
+
+    def wait(self, event):
+        """Make compute wait for ``event``; returns a token for ``stall_seconds`` if it had to wait."""
+        raise NotImplementedError
+
+    def stall_seconds(self, tokens: list) -> float:
+        """Seconds compute stood still waiting for copies (tokens from ``wait``)."""
+        raise NotImplementedError
+
+    def record(self):
+        """An event marking everything compute has queued so far."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def copy_seconds(self, events: list) -> float:
+        """Seconds the copies behind ``events`` (from ``copy``) took."""
+        raise NotImplementedError
+
+
+class _DoneEvent:
+    """Simulated copies finish before ``copy`` returns; their event carries the duration."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+
+
+class SimulatedDevice(Device):
+    kind = "simulated"
+
+    def __init__(self, capacity_bytes: int | None = None, pinned_cap_bytes: int | None = None):
+        super().__init__(torch.device("cpu"), capacity_bytes,
+                         _default_pinned_cap() if pinned_cap_bytes is None else pinned_cap_bytes)
+
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _register(self, host: torch.Tensor) -> bool:
+        return True  # page-locking is bookkeeping here; the cap is enforced all the same
+
+    def _unregister(self, host: torch.Tensor) -> None:
+        pass
+
+    def copy(self, dst, src, after=None):
+        start = time.perf_counter()
+        dst.copy_(src)
+        return _DoneEvent(time.perf_counter() - start)
+
+    def wait(self, event):
+        return None  # the copy already ran, in line with compute: the CPU has one stream
+
+    def stall_seconds(self, tokens) -> float:
+        return 0.0
+
+    def record(self):
+        return _DoneEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def copy_seconds(self, events) -> float:
+        return sum(e.seconds for e in events)
+
+
+class CudaDevice(Device):
+    """Copies run on one side stream; CUDA events order them against the compute stream."""
+
+    kind = "cuda"
+
+    def __init__(self, torch_device: torch.device, capacity_bytes: int | None = None,
+                 pinned_cap_bytes: int | None = None):
+        super().__init__(torch_device, capacity_bytes,
+                         _default_pinned_cap() if pinned_cap_bytes is None else pinned_cap_bytes)
+        self.copy_stream = torch.cuda.Stream(torch_device)
+
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
+
+    def _register(self, host: torch.Tensor) -> bool:
+        # cudaHostRegister on an existing buffer: 0.2 s per 4 GiB on an H200, against 1.5 s
+        # for a fresh pinned allocation (same call as ComfyUI's pin_memory).
+        return torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 1) == 0
+
+    def _unregister(self, host: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+
+    def copy(self, dst, src, after=None):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after)
+            start.record(self.copy_stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(self.copy_stream)
+        end.start = start
+        return end
+
+    def wait(self, event):
+        compute = torch.cuda.current_stream(self.torch_device)
+        if event.query():
+            return None
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(event)
+        after.record(compute)
+        return before, after
+
+    def stall_seconds(self, tokens) -> float:
+        return sum(before.elapsed_time(after) for before, after in tokens) / 1000.0
+
+    def record(self):
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.torch_device))
+        return event
+
+    def synchronize(self) -> None:
+        self.copy_stream.synchronize()
+        torch.cuda.current_stream(self.torch_device).synchronize()
+
+    def copy_seconds(self, events) -> float:
+        return sum(e.start.elapsed_time(e) for e in events) / 1000.0
+
+
+def _default_pinned_cap() -> int:
+    configured = os.environ.get(PINNED_CAP_ENV)
+    if configured:
+        return _gib_from_env(PINNED_CAP_ENV, configured)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_PINNED_SHARE)
+
+
+def _gib_from_env(name: str, value: str) -> int:
+    try:
+        return int(float(value) * GIB)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of GiB, not {value!r}") from None
+
+
+_devices: dict[str, Device] = {}
+_devices_lock = threading.Lock()
+
+
+def device_for(torch_device: torch.device) -> Device:
+    """The process-wide Device for a torch device: CUDA as is, the CPU as a simulated device."""
+    key = str(torch_device)
+    with _devices_lock:
+        if key not in _devices:
+            if torch_device.type == "cuda":
+                _devices[key] = CudaDevice(torch_device)
+            else:
+                capacity = os.environ.get(SIMULATED_CAPACITY_ENV)
+                _devices[key] = SimulatedDevice(_gib_from_env(SIMULATED_CAPACITY_ENV, capacity) if capacity else None)
+        return _devices[key]

@@ -1,0 +1,433 @@
+"""The streaming engine: a diffusion model's blocks stream through a ring of device slots.
+
+At build time each block's parameters are packed into one contiguous host slab (the
+params store then reads the file straight into it). At attach, under a VRAM budget, the
+planner keeps the weights outside the blocks and a spread-out share of the blocks
+resident; the other blocks are copied into a ring of pre-allocated device slots, one copy
+per block on a side stream, prefetched while earlier blocks compute. Parameters are
+re-pointed (``param.data``) at the slot while their block runs and back at the host slab
+afterwards, so outside a forward the model always reads its own host weights.
+
+Copies are byte copies of the stored dtype: streamed output is bit-identical to resident
+output, and dtype casts (fp8 → bf16 ...) happen on the device, in the model's own ops.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .blocks import discover_blocks
+from .device import Device
+from .options import GIB
+from .planner import Plan, plan_residency
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 256  # slab offsets: keeps every view aligned for any dtype and for fast copies
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the model, by owner and name, and its place in a packed buffer."""
+
+    module: nn.Module
+    name: str
+    offset: int
+    dtype: torch.dtype
+    shape: torch.Size
+    nbytes: int
+    is_buffer: bool = False
+
+    def get(self) -> torch.Tensor:
+        return (self.module._buffers if self.is_buffer else self.module._parameters)[self.name]
+
+    def view(self, base: torch.Tensor) -> torch.Tensor:
+        return base[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+    def point(self, tensor: torch.Tensor) -> None:
+        if self.is_buffer:
+            self.module._buffers[self.name] = tensor
+        else:
+            self.module._parameters[self.name].data = tensor
+
+    def holds(self, base: torch.Tensor) -> bool:
+        """Whether the model's tensor is still this spec's view of ``base`` (not replaced, e.g. by a LoRA)."""
+        t = self.get()
+        return t.data_ptr() == base.data_ptr() + self.offset and t.dtype == self.dtype and t.shape == self.shape
+
+
+def _layout(tensors: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> tuple[list[TensorSpec], int]:
+    specs, offset = [], 0
+    for module, name, t, is_buffer in tensors:
+        specs.append(TensorSpec(module, name, offset, t.dtype, t.shape, t.nbytes, is_buffer))
+        offset = _aligned(offset + t.nbytes)
+    return specs, offset
+
+
+class Unit:
+    """One block: its parameters packed into one contiguous host slab, the unit of a copy."""
+
+    def __init__(self, name: str, module: nn.Module, pending: frozenset[int]):
+        self.name, self.module = name, module
+        params = [(m, n, p, False) for m in module.modules() for n, p in m._parameters.items() if p is not None]
+        self.specs, self.nbytes = _layout(params)
+        self.slab = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.pinned_on: Device | None = None  # the device that page-locked the slab
+        for spec, (_, _, p, _) in zip(self.specs, params):
+            view = spec.view(self.slab)
+            if id(p) not in pending:  # unread parameters hold nothing worth copying
+                view.copy_(p.data)
+            p.data = view
+
+    def keys(self) -> set[tuple[int, str]]:
+        return {(id(s.module), s.name) for s in self.specs}
+
+    def host_base(self) -> torch.Tensor:
+        """The slab, or a packed copy when parameters were replaced (ComfyUI's LoRA patching)."""
+        if all(spec.holds(self.slab) for spec in self.specs):
+            return self.slab
+        patched = torch.empty(self.nbytes, dtype=torch.uint8)
+        for spec in self.specs:
+            current = spec.get().data
+            if current.dtype != spec.dtype or current.shape != spec.shape:
+                raise ValueError(f"`{self.name}`: a patch changed `{spec.name}` to {current.dtype} "
+                                 f"{tuple(current.shape)}; streaming needs {spec.dtype} {tuple(spec.shape)}")
+            spec.view(patched).copy_(current)
+        return patched
+
+    def point(self, base: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:
+        for spec, view in zip(self.specs, views or [s.view(base) for s in self.specs]):
+            spec.point(view)
+
+
+@dataclass
+class StreamFigures:
+    """What streaming cost in the last run (since the model was last asked to load)."""
+
+    budget_bytes: int | None = None
+    device_bytes: int = 0
+    peak_device_bytes: int = 0
+    resident_blocks: int = 0
+    streamed_blocks: int = 0
+    slots: int = 0
+    steps: int = 0
+    streamed_bytes: int = 0
+    copy_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    step_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def overlap_efficiency(self) -> float | None:
+        """The physical bound max(compute, copies) over the measured step time (1.0 = at the bound)."""
+        if self.step_seconds <= 0:
+            return None
+        bound = max(self.step_seconds - self.stall_seconds, self.copy_seconds)
+        return min(bound / self.step_seconds, 1.0)
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "notes"}
+        return {**out, "overlap_efficiency": self.overlap_efficiency, "notes": list(self.notes)}
+
+
+class StreamEngine:
+    """Blocks of one diffusion model, packed for streaming; attach places them under a budget."""
+
+    def __init__(self, root: nn.Module, blocks_root: nn.Module, pending: frozenset[int] = frozenset()):
+        """
+        Args:
+            root: the module ComfyUI loads (its tensors outside the blocks stay resident).
+            blocks_root: the diffusion model whose blocks stream.
+            pending: ids of parameters the params store has not read yet (not copied when packing).
+        """
+        self.root, self.blocks_root = root, blocks_root
+        self.units = [Unit(name, module, pending) for name, module in discover_blocks(blocks_root)]
+        self.figures = StreamFigures()
+        self.attached: _Placement | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def unit_bytes(self) -> list[int]:
+        return [u.nbytes for u in self.units]
+
+    @property
+    def held_bytes(self) -> int:
+        return self.attached.held_bytes if self.attached else 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Device bytes of the tensors outside the blocks (always resident)."""
+        return _layout(self._fixed_tensors())[1]
+
+    def attach(self, device: Device, budget_bytes: int | None, prefetch_depth: int | None = None,
+               check_interrupt: Callable[[], None] | None = None) -> Plan:
+        """Place the model on ``device`` under ``budget_bytes`` (None = no cap) and start streaming.
+
+        Raises:
+            BudgetTooSmallError: the budget is below the minimum (named in GiB).
+        """
+        with self._lock:
+            self.detach()
+            fixed = self._fixed_tensors()
+            plan = plan_residency(self.unit_bytes, _layout(fixed)[1], budget_bytes, prefetch_depth)
+            self.attached = _Placement(self, device, plan, fixed, check_interrupt)
+            self.begin_run()
+            return plan
+
+    def detach(self) -> None:
+        """Back to host weights: no copy in flight, no device bytes held, no hooks."""
+        with self._lock:
+            if self.attached is not None:
+                self.attached.close()
+                self.attached = None
+
+    def begin_run(self) -> None:
+        """Start this run's figures (ComfyUI asks the model to load at the start of every run)."""
+        placement = self.attached
+        self.figures = StreamFigures() if placement is None else placement.fresh_figures()
+
+    def shrink(self, nbytes: int) -> int:
+        """Free at least ``nbytes`` of device memory by streaming more; returns bytes freed (0 if it can't).
+
+        The run's figures carry on: the counters keep counting, the placement fields change.
+        """
+        with self._lock:
+            placement = self.attached
+            if placement is None or nbytes <= 0 or placement.held_bytes - nbytes < placement.plan.minimum_bytes:
+                return 0
+            before, figures = placement.held_bytes, self.figures
+            self.attach(placement.device, before - nbytes, placement.plan.prefetch_depth, placement.check_interrupt)
+            fresh = self.figures
+            self.figures = replace(figures, budget_bytes=fresh.budget_bytes, device_bytes=fresh.device_bytes,
+                                   resident_blocks=fresh.resident_blocks, streamed_blocks=fresh.streamed_blocks,
+                                   slots=fresh.slots, peak_device_bytes=max(figures.peak_device_bytes,
+                                                                            fresh.peak_device_bytes))
+            return before - self.held_bytes
+
+    def retry_smaller(self, error: BaseException) -> bool:
+        """After an out-of-memory error: re-plan at 3/4 of the bytes held; False if already minimal."""
+        placement = self.attached
+        if placement is None:
+            return False
+        held = placement.held_bytes
+        freed = self.shrink(held - max(int(held * 0.75), placement.plan.minimum_bytes))
+        if freed <= 0:
+            return False
+        note = (f"out of memory during a streamed step ({str(error).splitlines()[0][:120]}); retried once with "
+                f"{self.held_bytes / GIB:.3f} GiB on the device instead of {held / GIB:.3f} GiB")
+        log.warning("StreamLoader: %s", note)
+        self.figures.notes.append(note)
+        return True
+
+    def close(self) -> None:
+        """Detach and release pinned host memory (the model is being dropped)."""
+        with self._lock:
+            self.detach()
+            for unit in self.units:
+                if unit.pinned_on is not None:
+                    unit.pinned_on.unpin(unit.slab)
+                    unit.pinned_on = None
+
+    def _fixed_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
+        streamed = set().union(*(u.keys() for u in self.units)) if self.units else set()
+        out = []
+        for module in self.root.modules():
+            for is_buffer, table in ((False, module._parameters), (True, module._buffers)):
+                for name, t in table.items():
+                    if t is not None and (id(module), name) not in streamed:
+                        out.append((module, name, t.data if not is_buffer else t, is_buffer))
+        return out
+
+
+class _Slot:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.unit: int | None = None
+        self.ready = None  # event: the copy into this slot finished
+        self.released = None  # event: compute stopped reading this slot
+        self.busy = False
+        self.last_use = 0
+
+
+class _Placement:
+    """One attach: device allocations, the ring, the hooks and their bookkeeping."""
+
+    def __init__(self, engine: StreamEngine, device: Device, plan: Plan,
+                 fixed: list[tuple[nn.Module, str, torch.Tensor, bool]], check_interrupt):
+        self.engine, self.device, self.plan, self.check_interrupt = engine, device, plan, check_interrupt
+        self.units = engine.units
+        self.allocations: list[torch.Tensor] = []
+        self.hooks = []
+        self.host_bases = [u.host_base() for u in self.units]
+        self.fixed_specs, fixed_bytes = _layout(fixed)
+        self.fixed_host = [t for _, _, t, _ in fixed]
+        self.order = [i for i in range(len(self.units)) if i not in plan.resident]
+        self.slots: list[_Slot] = []
+        self.views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.entered: dict[int, _Slot] = {}
+        self.sequence: list[int] = []
+        self.copy_events, self.stall_tokens = [], []
+        self.pinned_patched: list[torch.Tensor] = []
+        self.uses = 0
+        self.step_start = time.perf_counter()
+        try:
+            self._place_fixed(fixed_bytes)
+            self._place_blocks()
+            self.device.synchronize()  # placement copies land before compute reads them
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(t.numel() for t in self.allocations)
+
+    def fresh_figures(self) -> StreamFigures:
+        return StreamFigures(
+            budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
+            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.order), slots=len(self.slots))
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        tensor = self.device.allocate(nbytes)
+        self.allocations.append(tensor)
+        return tensor
+
+    def _place_fixed(self, nbytes: int) -> None:
+        if not self.fixed_specs:
+            return
+        base = self._allocate(nbytes)
+        for spec, host in zip(self.fixed_specs, self.fixed_host):
+            view = spec.view(base)
+            self.device.copy(view, host)
+            spec.point(view)
+
+    def _place_blocks(self) -> None:
+        for i in sorted(self.plan.resident):
+            base = self._allocate(self.units[i].nbytes)
+            self.device.copy(base, self.host_bases[i])
+            self.units[i].point(base)
+        if not self.order:
+            return
+        for i in self.order:
+            self._pin(i)
+        self.slots = [_Slot(self._allocate(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
+        for i in self.order:
+            unit = self.units[i]
+            self.hooks.append(unit.module.register_forward_pre_hook(lambda m, a, i=i: self.enter(i)))
+            self.hooks.append(unit.module.register_forward_hook(lambda m, a, o, i=i: self.exit(i), always_call=True))
+        root = self.engine.blocks_root
+        self.hooks.append(root.register_forward_pre_hook(lambda m, a: self.begin_step()))
+        self.hooks.append(root.register_forward_hook(lambda m, a, o: self.end_step(), always_call=True))
+
+    def _pin(self, i: int) -> None:
+        """Page-lock a streamed block's host bytes (within the cap); the slab stays pinned across runs."""
+        unit, base = self.units[i], self.host_bases[i]
+        if base is not unit.slab:
+            if self.device.pin(base):
+                self.pinned_patched.append(base)
+        elif unit.pinned_on is None and self.device.pin(base):
+            unit.pinned_on = self.device
+
+    # The step: begin_step → (enter i, exit i)* → end_step, from forward hooks.
+    def begin_step(self) -> None:
+        self.sequence = []
+        self.step_start = time.perf_counter()
+
+    def enter(self, i: int) -> None:
+        if self.check_interrupt is not None:
+            self.check_interrupt()
+        self.sequence.append(i)
+        slot = self._slot_of(i) or self._load(i)
+        token = self.device.wait(slot.ready)
+        if token is not None:
+            self.stall_tokens.append(token)
+        self.uses += 1
+        slot.busy, slot.last_use = True, self.uses
+        self.units[i].point(slot.tensor, self._views(slot, i))
+        self.entered[i] = slot
+        for j in self._upcoming(i):
+            if self._slot_of(j) is None and self._free_slot(avoid=i) is not None:
+                self._load(j)
+
+    def exit(self, i: int) -> None:
+        slot = self.entered.pop(i, None)
+        if slot is None:
+            return
+        slot.released = self.device.record()
+        slot.busy = False
+        self.units[i].point(self.host_bases[i], self._views(None, i))
+
+    def end_step(self) -> None:
+        for i in list(self.entered):  # a forward that raised (an interrupt) skipped some exits
+            self.exit(i)
+        self.device.synchronize()  # no copy in flight past a step; makes the timings readable
+        figures = self.engine.figures
+        if self.sequence:
+            self.order = list(dict.fromkeys(self.sequence))
+        figures.steps += 1
+        figures.step_seconds += time.perf_counter() - self.step_start
+        figures.copy_seconds += self.device.copy_seconds(self.copy_events)
+        figures.stall_seconds += self.device.stall_seconds(self.stall_tokens)
+        self.copy_events, self.stall_tokens = [], []
+
+    def _slot_of(self, i: int) -> _Slot | None:
+        return next((s for s in self.slots if s.unit == i), None)
+
+    def _free_slot(self, avoid: int) -> _Slot | None:
+        candidates = [s for s in self.slots if not s.busy and s.unit != avoid]
+        return min(candidates, key=lambda s: (s.unit is not None, s.last_use), default=None)
+
+    def _load(self, i: int) -> _Slot:
+        slot = self._free_slot(avoid=i)
+        if slot is None:
+            raise RuntimeError(f"StreamLoader: no free slot for `{self.units[i].name}`: "
+                               f"{len(self.entered)} blocks are running at once, the ring has {len(self.slots)}")
+        unit = self.units[i]
+        self.uses += 1
+        slot.unit, slot.last_use = i, self.uses
+        slot.ready = self.device.copy(slot.tensor[:unit.nbytes], self.host_bases[i], after=slot.released)
+        self.copy_events.append(slot.ready)
+        self.engine.figures.streamed_bytes += unit.nbytes
+        return slot
+
+    def _upcoming(self, i: int) -> list[int]:
+        if i not in self.order:
+            return []
+        at = self.order.index(i)
+        n = len(self.order)
+        return [self.order[(at + k) % n] for k in range(1, min(self.plan.prefetch_depth, n - 1) + 1)]
+
+    def _views(self, slot: _Slot | None, i: int) -> list[torch.Tensor]:
+        key = (-1 if slot is None else self.slots.index(slot), i)
+        if key not in self.views:
+            base = self.host_bases[i] if slot is None else slot.tensor
+            self.views[key] = [spec.view(base) for spec in self.units[i].specs]
+        return self.views[key]
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for i in list(self.entered):
+            self.exit(i)
+        self.device.synchronize()
+        for unit, base in zip(self.units, self.host_bases):
+            unit.point(base)
+        for spec, host in zip(self.fixed_specs, self.fixed_host):
+            spec.point(host)
+        for base in self.pinned_patched:
+            self.device.unpin(base)
+        self.pinned_patched = []
+        for tensor in self.allocations:
+            self.device.release(tensor)
+        self.allocations, self.slots, self.views = [], [], {}

@@ -1,0 +1,213 @@
+"""The streaming engine on the simulated device: exact output, the budget, the ring, interrupts."""
+import pytest
+import torch
+from torch import nn
+
+from loader import BudgetTooSmallError, StreamEngine, plan_residency
+from loader.blocks import discover_blocks
+from loader.device import SimulatedDevice
+
+WIDTH, DEPTH = 64, 8
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.mlp = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.GELU(), nn.Linear(2 * WIDTH, WIDTH))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Linear(8, WIDTH)
+        self.blocks = nn.ModuleList(Block() for _ in range(DEPTH))
+        self.final = nn.Linear(WIDTH, 8)
+        self.register_buffer("scale", torch.tensor(0.5))
+        self.to(dtype)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.final(x) * self.scale
+
+
+def make_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return TinyDiT(dtype).eval()
+
+
+def block_bytes(engine):
+    return engine.unit_bytes[0]
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.randn(4, 8)
+
+
+@pytest.fixture
+def reference(x):
+    with torch.inference_mode():
+        return make_model()(x)
+
+
+def streamed(budget_fraction, x, steps=3, depth=None, dtype=torch.float32):
+    model = make_model(dtype)
+    engine = StreamEngine(model, model)
+    device = SimulatedDevice()
+    slots = (1 if depth is None else depth) + 1
+    budget = engine.fixed_bytes + int(budget_fraction * sum(engine.unit_bytes)) + slots * block_bytes(engine)
+    plan = engine.attach(device, budget, depth)
+    with torch.inference_mode():
+        outs = [model(x.to(dtype)) for _ in range(steps)]
+    return model, engine, device, plan, outs
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.625])
+def test_streamed_output_is_bit_identical_to_resident(fraction, x, reference):
+    model, engine, device, plan, outs = streamed(fraction, x)
+    assert all(torch.equal(out, reference) for out in outs)
+    assert engine.figures.streamed_blocks == DEPTH - len(plan.resident) > 0
+    assert engine.figures.steps == 3
+    per_step = sum(engine.unit_bytes[i] for i in range(DEPTH) if i not in plan.resident)
+    # The last block of a step prefetches the first streamed blocks of the next one.
+    prefetched_ahead = plan.prefetch_depth * block_bytes(engine)
+    assert 3 * per_step <= engine.figures.streamed_bytes <= 3 * per_step + prefetched_ahead
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.625])
+def test_device_bytes_never_exceed_the_budget(fraction, x):
+    model, engine, device, plan, _ = streamed(fraction, x)
+    assert device.peak_bytes <= plan.budget_bytes
+    assert engine.figures.peak_device_bytes == device.held_bytes == plan.device_bytes(engine.unit_bytes)
+
+
+def test_weights_read_from_host_outside_a_forward(x):
+    model, engine, device, plan, _ = streamed(0.25, x)
+    streamed_block = next(i for i in range(DEPTH) if i not in plan.resident)
+    w = model.blocks[streamed_block].mlp[0].weight
+    assert w.data_ptr() == engine.units[streamed_block].slab.data_ptr() + engine.units[streamed_block].specs[2].offset
+
+
+def test_detach_restores_host_weights_and_frees_the_device(x, reference):
+    model, engine, device, plan, _ = streamed(0.5, x)
+    engine.detach()
+    assert device.held_bytes == 0
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+    assert all(p.data_ptr() != 0 for p in model.parameters())
+
+
+def test_resident_blocks_are_spread_over_the_stack():
+    plan = plan_residency([100] * 8, fixed_bytes=10, budget_bytes=10 + 400 + 200)
+    assert plan.resident == {0, 2, 4, 6}
+    quarter = plan_residency([100] * 8, fixed_bytes=10, budget_bytes=10 + 200 + 200)
+    assert quarter.resident == {1, 5}
+    assert plan.slots == 2 and plan.slot_bytes == 100
+
+
+def test_everything_resident_when_it_fits():
+    plan = plan_residency([100] * 8, fixed_bytes=10, budget_bytes=810)
+    assert plan.resident == set(range(8)) and plan.slots == 0
+
+
+def test_budget_below_minimum_names_it(x):
+    model = make_model()
+    engine = StreamEngine(model, model)
+    with pytest.raises(BudgetTooSmallError, match=r"minimum of 0\.\d+ GiB") as err:
+        engine.attach(SimulatedDevice(), 1024)
+    assert err.value.minimum_bytes > 1024
+    assert "max_vram_gb" in str(err.value)
+
+
+def test_one_slot_budget_streams_synchronously(x, reference):
+    model = make_model()
+    engine = StreamEngine(model, model)
+    plan = engine.attach(SimulatedDevice(), engine.fixed_bytes + block_bytes(engine) * 3 // 2)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+    assert plan.slots == 1 and plan.prefetch_depth == 0
+
+
+def test_prefetch_follows_the_learned_order(x):
+    model, engine, device, plan, _ = streamed(0.0, x, steps=2, depth=2)
+    assert plan.slots == 3
+    placement = engine.attached
+    assert placement.order == [i for i in range(DEPTH) if i not in plan.resident]
+
+
+def test_interrupt_mid_step_leaves_nothing_in_flight(x, reference):
+    model = make_model()
+    engine = StreamEngine(model, model)
+    calls = {"n": 0}
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_on_third_block():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupted()
+
+    device = SimulatedDevice()
+    budget = engine.fixed_bytes + 3 * block_bytes(engine)
+    engine.attach(device, budget, check_interrupt=interrupt_on_third_block)
+    with torch.inference_mode(), pytest.raises(Interrupted):
+        model(x)
+    placement = engine.attached
+    assert not placement.entered and not any(s.busy for s in placement.slots)
+    assert device.held_bytes <= budget
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+
+
+def test_shrink_frees_device_memory_and_stays_exact(x, reference):
+    model, engine, device, plan, _ = streamed(0.75, x)
+    held = engine.held_bytes
+    freed = engine.shrink(2 * block_bytes(engine))
+    assert freed >= 2 * block_bytes(engine) and device.held_bytes == held - freed
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+
+
+def test_out_of_memory_retry_plans_smaller(x):
+    model, engine, device, plan, _ = streamed(0.75, x)
+    held = engine.held_bytes
+    assert engine.retry_smaller(torch.OutOfMemoryError("CUDA out of memory"))
+    assert engine.held_bytes < held
+    assert "retried once" in engine.figures.notes[0]
+
+
+def test_pinned_memory_is_capped_and_counted(x):
+    model = make_model()
+    engine = StreamEngine(model, model)
+    device = SimulatedDevice(pinned_cap_bytes=3 * block_bytes(engine))
+    engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
+    assert device.pinned_bytes == 3 * block_bytes(engine)
+    assert sum(u.pinned_on is not None for u in engine.units) == 3
+    engine.close()
+    assert device.pinned_bytes == 0 and device.held_bytes == 0
+
+
+def test_stored_dtype_streams_as_stored(x):
+    model, engine, device, plan, outs = streamed(0.25, x, dtype=torch.bfloat16)
+    assert engine.units[0].specs[2].dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert torch.equal(outs[0], make_model(torch.bfloat16)(x.bfloat16()))
+
+
+def test_discovery_falls_back_to_the_longest_uniform_list():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+            self.heads = nn.ModuleList([nn.Linear(4, 4), nn.Conv1d(4, 4, 1)])
+
+    names = [name for name, _ in discover_blocks(Odd())]
+    assert names == [f"stages.{i}" for i in range(5)]
