@@ -42,6 +42,7 @@ class ModelEntry:
     budget_bytes: int | None = None
     device_bytes: Callable[[], int] = lambda: 0
     on_evict: list[Callable[[], None]] = field(default_factory=list)
+    engine: Any = None  # the StreamEngine of the diffusion model, when it has blocks to stream
 
     @property
     def path(self) -> str:
@@ -59,6 +60,7 @@ class ModelEntry:
             "host_resident_bytes": self.store.loaded_host_bytes,
             "vram_resident_bytes": int(self.device_bytes()),
             "budget_bytes": self.budget_bytes,
+            "stream": self.engine.figures.as_dict() if self.engine is not None else None,
         }
 
 

@@ -38,19 +38,18 @@ class LoadOptions:
         return (self.weight_dtype,)
 
     def notes(self, has_gpu: bool) -> list[str]:
-        """Why a chosen toggle has no effect here; shown on the node, never silently ignored."""
+        """What a chosen toggle does here, or why it has no effect; shown on the node, never silent."""
         notes = []
         if not has_gpu and not self.offload_to_cpu:
             notes.append("`offload_to_cpu` off has no effect: there is no GPU, weights stay in RAM.")
-        if not has_gpu and self.max_vram_bytes != 0:
-            notes.append("`max_vram_gb` has no effect: there is no GPU.")
-        if not has_gpu and self.stream_layers:
-            notes.append("`stream_layers` has no effect: there is no GPU to stream to.")
-        elif self.stream_layers and not self.offload_to_cpu:
+        if self.stream_layers and not self.offload_to_cpu:
             notes.append("`stream_layers` has no effect with `offload_to_cpu` off: weights already live on the GPU.")
+        elif self.stream_layers and not has_gpu:
+            notes.append("`stream_layers` runs on a simulated device (no GPU): the budget, the ring and the "
+                         "figures are real; the times are CPU times.")
         elif self.stream_layers and self.max_vram_bytes == 0:
-            notes.append("`stream_layers` has no effect without a `max_vram_gb` budget (0 = no cap).")
-        elif self.stream_layers:
-            notes.append("`stream_layers` adds nothing to the budget in this release: layers beyond the budget "
-                         "are streamed by ComfyUI's per-layer path either way.")
+            notes.append("`stream_layers` without a `max_vram_gb` budget: ComfyUI's free-memory estimate is the budget.")
+        if not has_gpu and self.max_vram_bytes != 0 and not self.stream_layers:
+            notes.append("`max_vram_gb` has no effect: there is no GPU (with `stream_layers` on it caps the "
+                         "simulated device).")
         return notes

@@ -89,6 +89,10 @@ class Unit:
                 view.copy_(p.data)
             p.data = view
 
+    def weight_modules(self) -> list[nn.Module]:
+        """The block and every module in it that holds parameters of its own."""
+        return list(dict.fromkeys([self.module, *(s.module for s in self.specs)]))
+
     def keys(self) -> set[tuple[int, str]]:
         return {(id(s.module), s.name) for s in self.specs}
 
@@ -322,8 +326,11 @@ class _Placement:
             self._pin(i)
         self.slots = [_Slot(self._allocate(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
         for i in self.order:
+            # Some models run a block's children without calling the block (ComfyUI's UNet runs
+            # each layer of a TimestepEmbedSequential): any module holding its weights enters it.
             unit = self.units[i]
-            self.hooks.append(unit.module.register_forward_pre_hook(lambda m, a, i=i: self.enter(i)))
+            for module in unit.weight_modules():
+                self.hooks.append(module.register_forward_pre_hook(lambda m, a, i=i: self.enter(i)))
             self.hooks.append(unit.module.register_forward_hook(lambda m, a, o, i=i: self.exit(i), always_call=True))
         root = self.engine.blocks_root
         self.hooks.append(root.register_forward_pre_hook(lambda m, a: self.begin_step()))
@@ -344,6 +351,10 @@ class _Placement:
         self.step_start = time.perf_counter()
 
     def enter(self, i: int) -> None:
+        if i in self.entered:
+            return  # a layer of the block that is running
+        for other in list(self.entered):  # blocks run one after another: the previous one is done
+            self.exit(other)
         if self.check_interrupt is not None:
             self.check_interrupt()
         self.sequence.append(i)

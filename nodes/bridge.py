@@ -13,7 +13,7 @@ import comfy.sd
 import folder_paths
 import torch
 
-from ..loader import LazyTensor, LoadOptions, ModelEntry, ModelFileError, ParamStore
+from ..loader import LazyTensor, LoadOptions, ModelEntry, ModelFileError, ParamStore, StreamEngine
 from .patcher import StreamModelPatcher, adopt, device_bytes
 
 _UNET_DTYPES = {
@@ -64,7 +64,7 @@ def build_checkpoint(entry: ModelEntry) -> CheckpointParts:
         vae.patcher = adopt(vae.patcher, entry)
         modules.append(vae.first_stage_model)
     _check_built(store, "the checkpoint", *modules)
-    entry.device_bytes = lambda: device_bytes(*modules)
+    _attach_engine(entry, model, modules[1:])
     return CheckpointParts(model, clip, vae)
 
 
@@ -83,8 +83,22 @@ def build_diffusion_model(entry: ModelEntry, options: LoadOptions) -> StreamMode
                              "Pick a file that core `Load Diffusion Model` accepts.")
     ours = adopt(patcher, entry)
     _check_built(store, "the diffusion model", ours.model)
-    entry.device_bytes = lambda: device_bytes(ours.model)
+    _attach_engine(entry, ours, [])
     return ours
+
+
+def _attach_engine(entry: ModelEntry, model: StreamModelPatcher, others: list[torch.nn.Module]) -> None:
+    """Pack the diffusion model's blocks for streaming, before any weight is read into them."""
+    engine = StreamEngine(model.model, model.model.diffusion_model, entry.store.pending_params())
+    if engine.units:
+        entry.engine = engine
+        entry.on_evict.append(engine.close)
+
+    def held() -> int:
+        own = engine.held_bytes if engine.attached is not None else device_bytes(model.model)
+        return own + device_bytes(*others)
+
+    entry.device_bytes = held
 
 
 def build_vae(entry: ModelEntry) -> comfy.sd.VAE:

@@ -8,11 +8,14 @@ budget caps how much of the model ComfyUI places on the device.
 """
 from __future__ import annotations
 
+import os
+
 import comfy.model_management
 import comfy.model_patcher
 import torch
+from comfy.patcher_extension import WrappersMP
 
-from ..loader import LoadOptions, ModelEntry, get_manager, resolve_budget
+from ..loader import Device, LoadOptions, ModelEntry, StreamEngine, device_for, get_manager, resolve_budget
 
 
 class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -32,7 +35,19 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         n.stream_options = options
         if not options.offload_to_cpu:
             n.offload_device = n.load_device
+        if n.stream_engine is not None:
+            n.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "streamloader_oom_retry", _retry_out_of_memory)
         return n
+
+    @property
+    def stream_engine(self) -> StreamEngine | None:
+        """The streaming engine of this patcher's model (a checkpoint's CLIP and VAE have none)."""
+        engine = self.stream_entry.engine if self.stream_entry is not None else None
+        return engine if engine is not None and engine.root is self.model else None
+
+    def streams_to(self, device_to) -> bool:
+        o = self.stream_options
+        return device_to is not None and o.stream_layers and o.offload_to_cpu and self.stream_engine is not None
 
     def budget_bytes(self, device: torch.device | None = None) -> int | None:
         device = device or self.load_device
@@ -45,13 +60,50 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         # Every path that places weights (model_load, patch_model) ends here: read lazy weights first.
         if self.stream_entry is not None:
             self.stream_entry.store.load_module(self.model)
+        if self.stream_engine is not None:
+            self.stream_engine.detach()
+        if self.streams_to(device_to):
+            return self._load_streamed(device_to, lowvram_model_memory, force_patch_weights, **kwargs)
         before = self.loaded_size()
         result = super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
         if device_to is not None and not comfy.model_management.is_device_cpu(device_to):
             get_manager().record_h2d(max(self.loaded_size() - before, 0))
         return result
 
+    def _load_streamed(self, device_to, lowvram_model_memory, force_patch_weights, **kwargs):
+        """Patch the weights (LoRA) once, on the host, then let the engine place and stream them."""
+        super().load(_HOST, 0, force_patch_weights, True, **kwargs)
+        engine = self.stream_engine
+        device = device_for(torch.device(device_to))
+        comfy_limit = lowvram_model_memory if 0 < lowvram_model_memory < _NO_LIMIT else None
+        engine.attach(device, self._stream_budget(device, comfy_limit), _prefetch_depth(),
+                      comfy.model_management.throw_exception_if_processing_interrupted)
+        self.stream_entry.budget_bytes = engine.figures.budget_bytes
+        self.model.device = device_to
+        self.model.model_loaded_weight_memory = engine.held_bytes
+
+    def _stream_budget(self, device: Device, comfy_limit: float | None) -> int | None:
+        """The user's budget re-clamped to what is free now (the engine's own bytes count as free),
+        and to what ComfyUI's memory manager offered."""
+        engine = self.stream_engine
+        free = device.free_bytes() if device.kind == "simulated" else \
+            comfy.model_management.get_free_memory(device.torch_device)
+        budget = resolve_budget(self.stream_options.max_vram_bytes, free, engine.held_bytes)
+        if comfy_limit is not None:
+            budget = int(comfy_limit) if budget is None else min(budget, int(comfy_limit))
+        return budget
+
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        engine = self.stream_engine
+        streams = self.streams_to(device_to)
+        if engine is not None and streams != (engine.attached is not None) and self.loaded_size() > 0:
+            # stream_layers toggled on a model ComfyUI still holds: place it again.
+            self.unpatch_model(self.offload_device, unpatch_weights=True)
+        if streams:
+            result = super().partially_load(device_to, extra_memory, force_patch_weights)
+            self._reclamp(device_to)
+            engine.begin_run()
+            return result
         # LoadedModel.model_load asks for `extra_memory` more bytes on the device; the budget caps it.
         budget = self.budget_bytes(device_to)
         if self.stream_entry is not None:
@@ -59,6 +111,60 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         if budget is not None:
             extra_memory = min(extra_memory, max(budget - self.loaded_size(), 0))
         return super().partially_load(device_to, extra_memory, force_patch_weights)
+
+    def _reclamp(self, device_to) -> None:
+        """Re-plan a model that stayed attached when its budget changed (less free memory, a new cap)."""
+        engine = self.stream_engine
+        placement = engine.attached
+        if placement is None:
+            return
+        budget = self._stream_budget(placement.device, None)
+        if budget != placement.plan.budget_bytes:
+            engine.attach(placement.device, budget, placement.plan.prefetch_depth, placement.check_interrupt)
+            self.stream_entry.budget_bytes = budget
+            self.model.model_loaded_weight_memory = engine.held_bytes
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        engine = self.stream_engine
+        if engine is None or engine.attached is None:
+            return super().partially_unload(device_to, memory_to_free, force_patch_weights)
+        freed = engine.shrink(memory_to_free)
+        self.model.model_loaded_weight_memory = engine.held_bytes
+        return freed
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        engine = self.stream_engine
+        if unpatch_weights and engine is not None:
+            engine.detach()  # host weights back in place before ComfyUI restores its backups
+        return super().unpatch_model(device_to, unpatch_weights)
+
+
+_HOST = torch.device("cpu")
+_NO_LIMIT = 1e30  # ComfyUI passes 1e32 for "load it all"
+
+
+def _prefetch_depth() -> int | None:
+    """Blocks copied ahead of the one computing; STREAMLOADER_PREFETCH_DEPTH, or the planner's default."""
+    value = os.environ.get("STREAMLOADER_PREFETCH_DEPTH")
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"STREAMLOADER_PREFETCH_DEPTH must be a whole number of blocks, not {value!r}")
+    return int(value)
+
+
+def _retry_out_of_memory(executor, *args, **kwargs):
+    """An APPLY_MODEL wrapper: an out-of-memory error in a streamed step re-plans smaller and retries once."""
+    try:
+        return executor(*args, **kwargs)
+    except torch.OutOfMemoryError as error:
+        model = executor.class_obj
+        entries = [e for e in get_manager().entries() if e.engine is not None and e.engine.root is model]
+        if not entries or not entries[0].engine.retry_smaller(error):
+            raise
+        model.model_loaded_weight_memory = entries[0].engine.held_bytes
+        comfy.model_management.soft_empty_cache()
+        return executor(*args, **kwargs)
 
 
 def adopt(patcher: comfy.model_patcher.ModelPatcher, entry: ModelEntry) -> StreamModelPatcher:

@@ -37,6 +37,22 @@ def measured(fn, *args, **kwargs):
     return result, figures
 
 
+def stream_lines(model) -> list[str]:
+    """What streaming cost in this run, when the model streamed."""
+    engine = getattr(model, "stream_engine", None)
+    if engine is None or engine.attached is None or not engine.figures.steps:
+        return []
+    f = engine.figures
+    efficiency = f"{f.overlap_efficiency:.2f}" if f.overlap_efficiency is not None else "n/a"
+    budget = "no cap" if f.budget_bytes is None else f"{f.budget_bytes / _MIB:.1f} MiB"
+    kind = engine.attached.device.kind
+    return [f"streamed ({kind} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
+            f"{f.resident_blocks} blocks resident, {f.streamed_blocks} streamed through {f.slots} slots",
+            f"copies {f.copy_seconds:.3f} s, compute stalled {f.stall_seconds:.3f} s, "
+            f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}",
+            *f.notes]
+
+
 class StreamLoaderKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -63,7 +79,7 @@ class StreamLoaderKSampler(io.ComfyNode):
                 denoise=1.0) -> io.NodeOutput:
         (latent,), figures = measured(comfy_nodes.common_ksampler, model, seed, steps, cfg, sampler_name,
                                       scheduler, positive, negative, latent_image, denoise=denoise)
-        return io.NodeOutput(latent, ui={"text": [figures.as_text()]})
+        return io.NodeOutput(latent, ui={"text": [figures.as_text(), *stream_lines(model)]})
 
 
 class StreamLoaderVAEDecode(io.ComfyNode):

@@ -4,8 +4,10 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # comfy_helpers
 PACKAGE = "comfyui_streamloader"
 
 
@@ -46,3 +48,10 @@ def manager(pack):
     m = get_manager()
     m.release_all()
     return m
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    """ComfyUI runs nodes under inference mode."""
+    with torch.inference_mode():
+        yield

@@ -2,30 +2,9 @@
 import pytest
 import torch
 
+from comfy_helpers import CKPT, TOGGLES, conditioning, encode, load_checkpoint, sample
+
 pytestmark = pytest.mark.comfy
-
-CKPT = "tiny_sd15.safetensors"
-TOGGLES = {"offload_to_cpu": True, "stream_layers": False, "max_vram_gb": 0.0, "eager_load": False}
-
-
-@pytest.fixture(autouse=True)
-def _inference():
-    with torch.inference_mode():
-        yield
-
-
-def load_checkpoint(**toggles):
-    from comfyui_streamloader.nodes.loaders import StreamLoaderCheckpoint
-
-    return StreamLoaderCheckpoint.execute(CKPT, **{**TOGGLES, **toggles})
-
-
-def sample(comfy, model, positive, negative, latent, seed=7):
-    return comfy.common_ksampler(model, seed, 3, 6.0, "euler", "normal", positive, negative, latent)[0]["samples"]
-
-
-def encode(comfy, clip):
-    return comfy.CLIPTextEncode().encode(clip, "a red fox")[0], comfy.CLIPTextEncode().encode(clip, "")[0]
 
 
 def test_checkpoint_equals_core_bit_for_bit(comfy, manager):
@@ -87,15 +66,6 @@ def _unbound_bytes(manager) -> int:
     return sum(e.nbytes for name, e in store.file.header.tensors.items() if name not in bound)
 
 
-def _conditioning(kind: str):
-    gen = torch.Generator().manual_seed(3)
-    if kind == "sd15":
-        cond = [[torch.randn(1, 77, 768, generator=gen), {}]]
-        return cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}
-    cond = [[torch.randn(1, 16, 4096, generator=gen), {"pooled_output": torch.randn(1, 2048, generator=gen)}]]
-    return cond, cond, {"samples": torch.zeros(1, 16, 16, 16)}
-
-
 @pytest.mark.parametrize("unet_name, kind", [("tiny_sd15_unet.safetensors", "sd15"),
                                              ("tiny_sd3_mmdit.safetensors", "sd3")])
 def test_diffusion_model_equals_core_unet_loader(comfy, manager, unet_name, kind):
@@ -103,7 +73,7 @@ def test_diffusion_model_equals_core_unet_loader(comfy, manager, unet_name, kind
 
     ours = StreamLoaderDiffusionModel.execute(unet_name, weight_dtype="default", **TOGGLES).args[0]
     core = comfy.UNETLoader().load_unet(unet_name, "default")[0]
-    pos, neg, latent = _conditioning(kind)
+    pos, neg, latent = conditioning(kind)
     assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
 
 
@@ -142,8 +112,10 @@ def test_clone_keeps_the_patcher_type_and_options(comfy, manager):
 
 
 def test_toggles_without_effect_say_so_on_the_node(comfy, manager):
-    out = load_checkpoint(stream_layers=True)
+    out = load_checkpoint(stream_layers=True, offload_to_cpu=False)
     assert any("`stream_layers` has no effect" in line for line in out.ui["text"])
+    out = load_checkpoint(max_vram_gb=1.0)
+    assert any("`max_vram_gb` has no effect" in line for line in out.ui["text"])
 
 
 def test_a_bad_model_file_gets_a_clear_error_and_the_next_run_works(comfy, manager, models_dir, tmp_path):

@@ -1,0 +1,28 @@
+"""Shared steps of the in-process tests: the pack's loaders, core's sampler, fixed inputs."""
+import torch
+
+CKPT = "tiny_sd15.safetensors"
+TOGGLES = {"offload_to_cpu": True, "stream_layers": False, "max_vram_gb": 0.0, "eager_load": False}
+
+
+def load_checkpoint(**toggles):
+    from comfyui_streamloader.nodes.loaders import StreamLoaderCheckpoint
+
+    return StreamLoaderCheckpoint.execute(CKPT, **{**TOGGLES, **toggles})
+
+
+def sample(comfy, model, positive, negative, latent, seed=7):
+    return comfy.common_ksampler(model, seed, 3, 6.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def encode(comfy, clip):
+    return comfy.CLIPTextEncode().encode(clip, "a red fox")[0], comfy.CLIPTextEncode().encode(clip, "")[0]
+
+
+def conditioning(kind: str):
+    gen = torch.Generator().manual_seed(3)
+    if kind == "sd15":
+        cond = [[torch.randn(1, 77, 768, generator=gen), {}]]
+        return cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}
+    cond = [[torch.randn(1, 16, 4096, generator=gen), {"pooled_output": torch.randn(1, 2048, generator=gen)}]]
+    return cond, cond, {"samples": torch.zeros(1, 16, 16, 16)}

@@ -1,0 +1,150 @@
+"""stream_layers in-process on the simulated device (CPU): exact against core, within the budget."""
+import pytest
+import torch
+
+from comfy_helpers import CKPT, TOGGLES, conditioning, encode, load_checkpoint, sample
+
+pytestmark = pytest.mark.comfy
+
+GIB = 1024**3
+UNET = "tiny_sd3_mmdit.safetensors"
+
+
+@pytest.fixture(scope="module")
+def reference(comfy):
+    """Core's checkpoint loader and KSampler: the result every streamed run must equal."""
+    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
+    pos, neg = encode(comfy, core_clip)
+    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
+    return pos, neg, latent, sample(comfy, core_model, pos, neg, latent)
+
+
+def engine_of(manager):
+    (entry,) = [e for e in manager.entries() if e.engine is not None]
+    return entry.engine
+
+
+def budget_gb(engine, share: float) -> float:
+    """A budget for the weights outside the blocks and this share of the blocks' bytes (ring included)."""
+    return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB
+
+
+def streamed_checkpoint(manager, fraction: float):
+    load_checkpoint()  # builds the engine; the budget depends on its block sizes
+    return load_checkpoint(stream_layers=True, max_vram_gb=budget_gb(engine_of(manager), fraction)).args
+
+
+@pytest.mark.parametrize("fraction", [0.35, 0.6, 0.8])
+def test_streamed_checkpoint_equals_core_within_the_budget(comfy, manager, reference, fraction):
+    from comfyui_streamloader.nodes.sampling import StreamLoaderKSampler
+
+    pos, neg, latent, expected = reference
+    model = streamed_checkpoint(manager, fraction)[0]
+    out = StreamLoaderKSampler.execute(model, 7, 3, 6.0, "euler", "normal", pos, neg, latent)
+    assert torch.equal(out.args[0]["samples"], expected)
+    assert torch.equal(sample(comfy, model, pos, neg, latent), expected), "core KSampler, streamed MODEL"
+    figures = engine_of(manager).figures
+    assert figures.streamed_blocks > 0 and figures.streamed_bytes > 0 and figures.steps >= 3
+    assert figures.peak_device_bytes <= figures.budget_bytes
+    assert any(line.startswith("streamed (simulated device)") for line in out.ui["text"])
+    stats = manager.stats()["models"][0]["stream"]
+    assert stats["peak_device_bytes"] <= stats["budget_bytes"] == figures.budget_bytes
+
+
+def test_streamed_mmdit_equals_core(comfy, manager):
+    from comfyui_streamloader.nodes.loaders import StreamLoaderDiffusionModel
+
+    def load(**toggles):
+        return StreamLoaderDiffusionModel.execute(UNET, weight_dtype="default", **{**TOGGLES, **toggles}).args[0]
+
+    load()
+    gb = budget_gb(engine_of(manager), 0.6)
+    ours = load(stream_layers=True, max_vram_gb=gb)
+    core = comfy.UNETLoader().load_unet(UNET, "default")[0]
+    pos, neg, latent = conditioning("sd3")
+    assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
+    figures = engine_of(manager).figures
+    assert figures.streamed_blocks > 0 and figures.peak_device_bytes <= gb * GIB
+
+
+def test_lora_on_a_streamed_model_equals_core_and_is_patched_once(comfy, manager, reference, monkeypatch):
+    import comfy.lora as comfy_lora
+
+    pos, neg, latent, _ = reference
+    model, clip, _ = streamed_checkpoint(manager, 0.6)
+    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
+    lora = "tiny_sd15_lora.safetensors"
+    ours = comfy.LoraLoader().load_lora(model, clip, lora, 0.8, 0.8)[0]
+    theirs = comfy.LoraLoader().load_lora(core_model, core_clip, lora, 0.8, 0.8)[0]
+    expected = sample(comfy, theirs, pos, neg, latent)
+    calls = []
+    original = comfy_lora.calculate_weight
+    monkeypatch.setattr(comfy_lora, "calculate_weight", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    assert torch.equal(sample(comfy, ours, pos, neg, latent), expected)
+    assert torch.equal(sample(comfy, ours, pos, neg, latent), expected)
+    unet_patches = [k for k in ours.patches if k.startswith("diffusion_model.")]
+    assert unet_patches and sorted(calls) == sorted(ours.patches), "each patched weight computed once, not per step"
+    assert engine_of(manager).figures.streamed_blocks > 0
+
+
+def test_budget_below_the_minimum_fails_before_sampling(comfy, manager, reference):
+    from comfyui_streamloader.loader import BudgetTooSmallError
+
+    pos, neg, latent, _ = reference
+    model = load_checkpoint(stream_layers=True, max_vram_gb=0.001).args[0]
+    with pytest.raises(BudgetTooSmallError, match=r"minimum of \d+\.\d+ GiB"):
+        sample(comfy, model, pos, neg, latent)
+    assert engine_of(manager).attached is None
+
+
+def test_toggling_stream_layers_on_a_held_model(comfy, manager, reference):
+    pos, neg, latent, expected = reference
+    streamed = streamed_checkpoint(manager, 0.6)[0]
+    assert torch.equal(sample(comfy, streamed, pos, neg, latent), expected)
+    plain = load_checkpoint().args[0]
+    assert torch.equal(sample(comfy, plain, pos, neg, latent), expected)
+    assert engine_of(manager).attached is None, "stream_layers off: the engine lets go"
+    assert torch.equal(sample(comfy, streamed, pos, neg, latent), expected)
+    assert engine_of(manager).attached is not None
+
+
+def test_interrupt_mid_step_then_the_next_run_is_exact(comfy, manager, reference):
+    import comfy.model_management as mm
+
+    pos, neg, latent, expected = reference
+    model = streamed_checkpoint(manager, 0.6)[0]
+    engine = engine_of(manager)
+    layer = engine.units[len(engine.units) // 2].weight_modules()[-1]  # a layer ComfyUI calls
+    handle = layer.register_forward_pre_hook(lambda m, a: mm.interrupt_current_processing(True))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(comfy, model, pos, neg, latent)
+    finally:
+        handle.remove()
+    placement = engine.attached
+    assert not placement.entered and not any(slot.busy for slot in placement.slots)
+    assert placement.held_bytes <= placement.plan.budget_bytes
+    assert not mm.processing_interrupted(), "the interrupt was consumed by the sampling thread only"
+    assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+
+
+def test_out_of_memory_in_a_streamed_step_retries_once_smaller(comfy, manager, reference):
+    pos, neg, latent, expected = reference
+    model = streamed_checkpoint(manager, 0.8)[0]
+    engine = engine_of(manager)
+    sample(comfy, model, pos, neg, latent)
+    held = engine.held_bytes
+    failures = []
+
+    def fail_once(module, args):  # the allocator failing inside a block, as CUDA does under pressure
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = engine.units[-1].weight_modules()[-1].register_forward_pre_hook(fail_once)
+    try:
+        assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+    finally:
+        handle.remove()
+    assert failures and engine.held_bytes < held
+    assert any("retried once" in note for note in engine.figures.notes)
