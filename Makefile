@@ -11,7 +11,7 @@ MODELS_DEFAULT = $(CACHE)/models-$(shell cat scripts/make_models.py | sha256sum 
 MODELS ?= $(MODELS_DEFAULT)
 PYTEST_ARGS ?=
 
-.PHONY: env models demo serve test unit
+.PHONY: env models demo serve test unit bench bench-pack
 
 env:
 	@$(BOOT) >/dev/null
@@ -34,3 +34,12 @@ test: models
 
 unit: env
 	@$(BOOT); "$$VENV/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
+
+# The streaming benchmark: on a GPU if there is one, else on the simulated device (CPU).
+bench: env
+	@$(BOOT); "$$VENV/bin/python" bench/stream_bench.py --comfy "$$COMFYUI_PATH" $(BENCH_ARGS)
+
+# A copy of ComfyUI in .comfy/ (git-ignored) for a GPU machine that has torch but not ComfyUI:
+# carry .comfy and run `python3 bench/stream_bench.py` there.
+bench-pack: env
+	@$(BOOT); rm -rf .comfy && cp -r "$$COMFYUI_PATH" .comfy && find .comfy -name __pycache__ -prune -exec rm -rf {} +

@@ -34,6 +34,7 @@ class Device:
         self.held_bytes = 0
         self.peak_bytes = 0
         self.pinned_bytes = 0
+        self.copied_bytes = 0  # host-to-device, all copies ever
         self._lock = threading.Lock()
 
     def allocate(self, nbytes: int) -> torch.Tensor:
@@ -83,6 +84,10 @@ class Device:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
         """Copy ``src`` into ``dst`` once ``after`` (an event of compute) has passed; returns its event."""
+        self.copied_bytes += src.nbytes
+        return self._copy(dst, src, after)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, after):
         raise NotImplementedError
 
     def wait(self, event):
@@ -128,7 +133,7 @@ class SimulatedDevice(Device):
     def _unregister(self, host: torch.Tensor) -> None:
         pass
 
-    def copy(self, dst, src, after=None):
+    def _copy(self, dst, src, after):
         start = time.perf_counter()
         dst.copy_(src)
         return _DoneEvent(time.perf_counter() - start)
@@ -171,7 +176,7 @@ class CudaDevice(Device):
     def _unregister(self, host: torch.Tensor) -> None:
         torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
-    def copy(self, dst, src, after=None):
+    def _copy(self, dst, src, after):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
@@ -237,3 +242,9 @@ def device_for(torch_device: torch.device) -> Device:
                 capacity = os.environ.get(SIMULATED_CAPACITY_ENV)
                 _devices[key] = SimulatedDevice(_gib_from_env(SIMULATED_CAPACITY_ENV, capacity) if capacity else None)
         return _devices[key]
+
+
+def copied_bytes() -> int:
+    """Host-to-device bytes copied by the engine on every device of this process."""
+    with _devices_lock:
+        return sum(d.copied_bytes for d in _devices.values())

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .device import copied_bytes as device_copied_bytes
 from .options import GIB, LoadOptions
 from .params import ParamStore
 from .safetensors_file import FileIdentity, ReadCounter, SafetensorsFile
@@ -138,6 +139,11 @@ class ModelManager:
         with self._lock:
             return list(self._entries.values())
 
+    @property
+    def total_h2d_bytes(self) -> int:
+        """Host-to-device bytes: ComfyUI's placements of our models plus the engine's copies."""
+        return self.h2d_bytes + device_copied_bytes()
+
     def record_h2d(self, nbytes: int) -> None:
         with self._lock:
             self.h2d_bytes += nbytes
@@ -154,7 +160,7 @@ class ModelManager:
         entries = self.entries()
         return {
             "disk_bytes_read": self.disk_bytes_read,
-            "h2d_bytes": self.h2d_bytes,
+            "h2d_bytes": self.total_h2d_bytes,
             "ram_budget_bytes": self.ram_budget_bytes,
             "held_host_bytes": sum(e.host_bytes for e in entries),
             "evictions": self.evictions,

@@ -29,11 +29,18 @@ from .planner import Plan, plan_residency
 
 log = logging.getLogger(__name__)
 
-_ALIGN = 256  # slab offsets: keeps every view aligned for any dtype and for fast copies
+_ALIGN = 4096  # slab offsets on page boundaries: any dtype aligns, and per-tensor pinning (ComfyUI's lowvram path) never shares a page
 
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """A host byte buffer that starts on a page boundary (torch's allocator aligns to 64 bytes)."""
+    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+    shift = -raw.data_ptr() % _ALIGN
+    return raw[shift:shift + nbytes]
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class Unit:
         self.name, self.module = name, module
         params = [(m, n, p, False) for m in module.modules() for n, p in m._parameters.items() if p is not None]
         self.specs, self.nbytes = _layout(params)
-        self.slab = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.slab = _page_aligned_empty(self.nbytes)
         self.pinned_on: Device | None = None  # the device that page-locked the slab
         for spec, (_, _, p, _) in zip(self.specs, params):
             view = spec.view(self.slab)
@@ -100,7 +107,7 @@ class Unit:
         """The slab, or a packed copy when parameters were replaced (ComfyUI's LoRA patching)."""
         if all(spec.holds(self.slab) for spec in self.specs):
             return self.slab
-        patched = torch.empty(self.nbytes, dtype=torch.uint8)
+        patched = _page_aligned_empty(self.nbytes)
         for spec in self.specs:
             current = spec.get().data
             if current.dtype != spec.dtype or current.shape != spec.shape:

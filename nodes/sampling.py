@@ -31,9 +31,9 @@ class RunFigures:
 def measured(fn, *args, **kwargs):
     """Run ``fn`` and return (its result, the figures of that run)."""
     manager = get_manager()
-    disk0, h2d0, t0 = manager.disk_bytes_read, manager.h2d_bytes, time.perf_counter()
+    disk0, h2d0, t0 = manager.disk_bytes_read, manager.total_h2d_bytes, time.perf_counter()
     result = fn(*args, **kwargs)
-    figures = RunFigures(manager.disk_bytes_read - disk0, manager.h2d_bytes - h2d0, time.perf_counter() - t0)
+    figures = RunFigures(manager.disk_bytes_read - disk0, manager.total_h2d_bytes - h2d0, time.perf_counter() - t0)
     return result, figures
 
 

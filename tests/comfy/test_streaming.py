@@ -148,3 +148,33 @@ def test_out_of_memory_in_a_streamed_step_retries_once_smaller(comfy, manager, r
         handle.remove()
     assert failures and engine.held_bytes < held
     assert any("retried once" in note for note in engine.figures.notes)
+
+
+def test_fp8_weights_stream_as_stored_and_equal_core(comfy, manager):
+    from comfyui_streamloader.nodes.loaders import StreamLoaderDiffusionModel
+
+    def load(**toggles):
+        return StreamLoaderDiffusionModel.execute(UNET, weight_dtype="fp8_e4m3fn", **{**TOGGLES, **toggles}).args[0]
+
+    load()
+    engine = engine_of(manager)
+    assert {s.dtype for u in engine.units for s in u.specs if s.name == "weight" and len(s.shape) == 2} \
+        == {torch.float8_e4m3fn}, "block weights are held and streamed as fp8"
+    ours = load(stream_layers=True, max_vram_gb=budget_gb(engine, 0.6))
+    core = comfy.UNETLoader().load_unet(UNET, "fp8_e4m3fn")[0]
+    pos, neg, latent = conditioning("sd3")
+    assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
+    assert engine.figures.streamed_bytes > 0
+
+
+def test_a_streamed_model_survives_clone_and_detach_without_unpatch(comfy, manager, reference):
+    pos, neg, latent, expected = reference
+    model = streamed_checkpoint(manager, 0.6)[0]
+    assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+    engine = engine_of(manager)
+    model.detach(unpatch_all=False)  # what ComfyUI does to a loaded model when a clone of it loads
+    assert engine.attached is not None and model.loaded_size() == engine.held_bytes
+    clone = model.clone()
+    assert torch.equal(sample(comfy, clone, pos, neg, latent), expected)
+    assert engine.figures.streamed_bytes > 0 and engine.figures.peak_device_bytes <= engine.figures.budget_bytes
+    assert clone.model_size() > clone.loaded_size() > 0, "honest sizes: part of the model is on the device"

@@ -211,3 +211,9 @@ def test_discovery_falls_back_to_the_longest_uniform_list():
 
     names = [name for name, _ in discover_blocks(Odd())]
     assert names == [f"stages.{i}" for i in range(5)]
+
+
+def test_slab_tensors_start_on_page_boundaries():
+    """So ComfyUI's per-tensor pinning (its lowvram path) never finds a page already registered."""
+    engine = StreamEngine(make_model(), make_model())
+    assert all((u.slab.data_ptr() + s.offset) % 4096 == 0 for u in engine.units for s in u.specs)

@@ -1,0 +1,267 @@
+"""Streamed steps against fully resident and ComfyUI's own lowvram path, at equal peak memory.
+
+One command, on a GPU or on the CPU:
+
+    python bench/stream_bench.py --comfy PATH_TO_COMFYUI [--out DIR]
+
+The model is ComfyUI's own Flux class with random weights: Flux.1-sized (12B parameters,
+19 double and 38 single blocks, bf16) on a GPU, a small one of the same family on the CPU.
+In one run it measures:
+- fully resident (the engine with no budget: every weight on the device);
+- this engine with 0, 25, 50 and 75% of the blocks resident (plus the ring);
+- on a GPU, ComfyUI 0.3.75's lowvram path (`ModelPatcher.load(lowvram_model_memory=...)`)
+  at the same budgets, so the two are compared at equal measured peak device memory;
+- the physical bound max(resident compute, streamed bytes / pinned host-to-device bandwidth).
+On the CPU the engine runs on the simulated device: the counters, the budget and exactness
+are real, the times are CPU times, and ComfyUI's lowvram path (GPU only) is skipped.
+
+Writes DIR/stream_bench.json and DIR/stream_bench.png.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB, GIB = 1024**2, 1024**3
+
+FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                theta=10_000, patch_size=2, qkv_bias=True, guidance_embed=True)
+FLUX_SMALL = {**FLUX_DEV, "vec_in_dim": 64, "context_in_dim": 64, "hidden_size": 256, "num_heads": 4,
+              "depth": 4, "depth_single_blocks": 16, "axes_dim": [8, 28, 28]}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".comfy"),
+                   help="a ComfyUI checkout (0.3.75); default $COMFYUI_PATH or .comfy/")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "bench", "results"))
+    p.add_argument("--size", choices=("flux", "small"), default=None,
+                   help="flux (12B) on a GPU, small on the CPU by default")
+    p.add_argument("--double", type=int, help="double blocks (fewer where memory is short)")
+    p.add_argument("--single", type=int, help="single blocks")
+    p.add_argument("--image-tokens", type=int, default=None, help="4096 (a 1024x1024 image) on a GPU")
+    p.add_argument("--text-tokens", type=int, default=None)
+    p.add_argument("--fractions", default="0,0.25,0.5,0.75", help="shares of the blocks kept resident")
+    p.add_argument("--depth", type=int, default=None, help="prefetch depth (default: the planner's)")
+    p.add_argument("--reps", type=int, default=5, help="timed forwards per variant (median)")
+    return p.parse_args()
+
+
+def import_comfy(path: str, cpu: bool):
+    sys.path.insert(0, os.path.abspath(path))
+    sys.path.insert(1, REPO)
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    import comfy.ldm.flux.model
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+
+    return comfy
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace):
+        self.opts = opts
+        self.cuda = torch.cuda.is_available()
+        self.comfy = import_comfy(opts.comfy, cpu=not self.cuda)
+        from loader import StreamEngine, device_for
+        from loader.device import SimulatedDevice
+
+        self.device = torch.device("cuda") if self.cuda else torch.device("cpu")
+        self.stream_device = device_for(self.device) if self.cuda else SimulatedDevice()
+        size = opts.size or ("flux" if self.cuda else "small")
+        config = dict(FLUX_DEV if size == "flux" else FLUX_SMALL)
+        config["depth"] = opts.double if opts.double is not None else config["depth"]
+        config["depth_single_blocks"] = opts.single if opts.single is not None else config["depth_single_blocks"]
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.model = self._build(config)
+        self.inputs = self._inputs(config, opts.image_tokens or (4096 if size == "flux" else 256),
+                                   opts.text_tokens or (512 if size == "flux" else 32))
+        self.engine = StreamEngine(self.model, self.model)
+        self.result = {
+            "date": datetime.date.today().isoformat(), "device": self._device_name(), "torch": torch.__version__,
+            "model": {"family": "flux", "size": size, "config": config, "dtype": str(self.dtype),
+                      "parameters": sum(p.numel() for p in self.model.parameters()),
+                      "block_bytes": self.engine.unit_bytes, "fixed_bytes": self.engine.fixed_bytes,
+                      "image_tokens": self.inputs[0].shape[-1] * self.inputs[0].shape[-2] // 4,
+                      "text_tokens": self.inputs[2].shape[1]},
+        }
+
+    def _device_name(self) -> str:
+        return torch.cuda.get_device_name(0) if self.cuda else "CPU (simulated device)"
+
+    def _build(self, config: dict) -> torch.nn.Module:
+        """ComfyUI's Flux on the host; weights filled by tiling one random pool (fast at 12B)."""
+        model = self.comfy.ldm.flux.model.Flux(dtype=self.dtype, device="cpu",
+                                               operations=self.comfy.ops.disable_weight_init, **config).eval()
+        pool = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02).to(self.dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                flat = p.data.view(-1)
+                for start in range(0, flat.numel(), pool.numel()):
+                    n = min(pool.numel(), flat.numel() - start)
+                    flat[start:start + n].copy_(pool[:n])
+        return model
+
+    def _inputs(self, config: dict, image_tokens: int, text_tokens: int):
+        side = int(round(image_tokens ** 0.5)) * 2
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, config["in_channels"], side, side, generator=g)
+        context = torch.randn(1, text_tokens, config["context_in_dim"], generator=g)
+        y = torch.randn(1, config["vec_in_dim"], generator=g)
+        t, guidance = torch.tensor([0.7]), torch.tensor([3.5])
+        return [v.to(self.device, self.dtype) for v in (x, t, context, y, guidance)]
+
+    def forward(self) -> torch.Tensor:
+        x, t, context, y, guidance = self.inputs
+        with torch.inference_mode():
+            return self.model(x, t, context, y=y, guidance=guidance)
+
+    def timed(self) -> tuple[float, torch.Tensor]:
+        """Median seconds of a forward (after one warm-up), and the output."""
+        out = self.forward()
+        times = []
+        for _ in range(self.opts.reps):
+            self._sync()
+            start = time.perf_counter()
+            out = self.forward()
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2], out
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, place, release) -> dict:
+        """Place the weights, time forwards, and measure the peak device memory of the whole run."""
+        self._clean()
+        base = torch.cuda.memory_allocated() if self.cuda else 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        place()
+        seconds, out = self.timed()
+        peak = (torch.cuda.max_memory_allocated() - base) if self.cuda else self.stream_device.peak_bytes
+        row = {"ms": seconds * 1e3, "peak_bytes": int(peak), "output": out.float().cpu()}
+        release()
+        return row
+
+    def _clean(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.stream_device.reset_peak()
+
+    def bandwidth(self) -> float | None:
+        """Pinned host-to-device bytes per second (median of 3 copies of 1 GiB)."""
+        if not self.cuda:
+            return None
+        host = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(GIB, dtype=torch.uint8, device=self.device)
+        times = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            dev.copy_(host, non_blocking=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        del host, dev
+        return GIB / sorted(times[1:])[1]
+
+    def budget(self, fraction: float, slots: int) -> int:
+        e = self.engine
+        return e.fixed_bytes + int(fraction * sum(e.unit_bytes)) + slots * max(e.unit_bytes)
+
+    def run(self) -> dict:
+        opts, engine = self.opts, self.engine
+        fractions = [float(f) for f in opts.fractions.split(",")]
+        bw = self.bandwidth()
+        self.result["pinned_h2d_bytes_per_s"] = bw
+        resident = self.measure(lambda: engine.attach(self.stream_device, None), engine.detach)
+        reference = resident.pop("output")
+        self.result["resident"] = resident
+        slots = (opts.depth if opts.depth is not None else 1) + 1
+        rows = []
+        for fraction in fractions:
+            budget = self.budget(fraction, slots)
+            row = self.measure(lambda: engine.attach(self.stream_device, budget, opts.depth), lambda: None)
+            figures = engine.figures
+            per_step = figures.streamed_bytes / max(figures.steps, 1)
+            engine.detach()
+            bound = max(resident["ms"], per_step / bw * 1e3) if bw else None
+            rows.append({"fraction": fraction, "budget_bytes": budget, "ms": row["ms"], "peak_bytes": row["peak_bytes"],
+                         "pack_peak_bytes": figures.peak_device_bytes, "streamed_bytes_per_step": int(per_step),
+                         "resident_blocks": figures.resident_blocks, "streamed_blocks": figures.streamed_blocks,
+                         "copy_s_per_step": figures.copy_seconds / max(figures.steps, 1),
+                         "stall_s_per_step": figures.stall_seconds / max(figures.steps, 1),
+                         "bound_ms": bound, "x_bound": row["ms"] / bound if bound else None,
+                         "max_abs_diff": (row["output"] - reference).abs().max().item()})
+            print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+        self.result["engine"] = rows
+        engine.close()
+        self.result["comfy_lowvram"] = self.comfy_lowvram(rows, reference) if self.cuda else None
+        self.result["comparison"] = compare(rows, self.result["comfy_lowvram"])
+        return self.result
+
+    def comfy_lowvram(self, rows: list[dict], reference: torch.Tensor) -> list[dict]:
+        """ComfyUI's own partial load at the same budgets (its per-layer casts from pinned weights)."""
+        out = []
+        for r in rows:
+            patcher = self.comfy.model_patcher.ModelPatcher(self.model, load_device=self.device,
+                                                            offload_device=torch.device("cpu"))
+            row = self.measure(lambda: patcher.load(self.device, lowvram_model_memory=r["budget_bytes"]),
+                               lambda: patcher.detach())
+            out.append({"budget_bytes": r["budget_bytes"], "ms": row["ms"], "peak_bytes": row["peak_bytes"],
+                        "max_abs_diff": (row["output"] - reference).abs().max().item()})
+            print(json.dumps({"comfy_lowvram": out[-1]}), flush=True)
+        return out
+
+
+def compare(engine_rows: list[dict], comfy_rows: list[dict] | None) -> list[dict]:
+    """The engine's time against ComfyUI's, interpolated at the engine's measured peak memory."""
+    if not comfy_rows:
+        return []
+    points = sorted((c["peak_bytes"], c["ms"]) for c in comfy_rows)
+    out = []
+    for r in engine_rows:
+        comfy_ms = _interpolate(points, r["peak_bytes"])
+        out.append({"fraction": r["fraction"], "peak_bytes": r["peak_bytes"], "engine_ms": r["ms"],
+                    "comfy_ms_at_equal_peak": comfy_ms,
+                    "speedup": comfy_ms / r["ms"] if comfy_ms else None})
+    return out
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float | None:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def main() -> None:
+    opts = parse_args()
+    os.makedirs(opts.out, exist_ok=True)
+    result = Bench(opts).run()
+    path = os.path.join(opts.out, "stream_bench.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plot import plot
+
+    plot(result, os.path.join(opts.out, "stream_bench.png"))
+    print(f"wrote {path} and stream_bench.png")
+
+
+if __name__ == "__main__":
+    main()
