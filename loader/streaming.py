@@ -240,6 +240,23 @@ class StreamEngine:
         self.figures.notes.append(note)
         return True
 
+    def restore_host_views(self, wanted: Callable[[TensorSpec], bool]) -> int:
+        """Point block parameters that ComfyUI copied elsewhere back at their host slab.
+
+        ComfyUI moves weights with ``module.to()``, which allocates new tensors: moving them
+        back to the CPU would make a second host copy beside the slab. The slab still holds
+        the unpatched bytes, so ``wanted`` parameters (unpatched, back on the host) return to
+        it instead. Returns how many were re-pointed.
+        """
+        if self.attached is not None:
+            return 0
+        moved = [(u, s) for u in self.units for s in u.specs if not s.holds(u.slab) and wanted(s)]
+        for unit, spec in moved:
+            current = spec.get()
+            if current.dtype == spec.dtype and current.shape == spec.shape:
+                spec.point(spec.view(unit.slab))
+        return len(moved)
+
     def close(self) -> None:
         """Detach and release pinned host memory (the model is being dropped)."""
         with self._lock:

@@ -127,16 +127,39 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         engine = self.stream_engine
         if engine is None or engine.attached is None:
-            return super().partially_unload(device_to, memory_to_free, force_patch_weights)
+            freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+            self._back_to_slabs(on_host_only=True)
+            return freed
         freed = engine.shrink(memory_to_free)
         self.model.model_loaded_weight_memory = engine.held_bytes
         return freed
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         engine = self.stream_engine
-        if unpatch_weights and engine is not None:
-            engine.detach()  # host weights back in place before ComfyUI restores its backups
-        return super().unpatch_model(device_to, unpatch_weights)
+        if not unpatch_weights or engine is None:
+            return super().unpatch_model(device_to, unpatch_weights)
+        engine.detach()  # host weights back in place before ComfyUI restores its backups
+        result = super().unpatch_model(None, unpatch_weights)
+        if device_to is not None:
+            if comfy.model_management.is_device_cpu(device_to):
+                self._back_to_slabs(on_host_only=False)
+            self.model.to(device_to)
+            self.model.device = device_to
+        return result
+
+    def _back_to_slabs(self, on_host_only: bool) -> None:
+        """Unpatched block weights return to the engine's host slab instead of a second host copy."""
+        engine = self.stream_engine
+        if engine is None:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        patched = set(self.backup)
+
+        def wanted(spec) -> bool:
+            on_host = spec.get().device.type == "cpu"
+            return f"{names[id(spec.module)]}.{spec.name}" not in patched and (on_host or not on_host_only)
+
+        engine.restore_host_views(wanted)
 
 
 _HOST = torch.device("cpu")

@@ -217,3 +217,16 @@ def test_slab_tensors_start_on_page_boundaries():
     """So ComfyUI's per-tensor pinning (its lowvram path) never finds a page already registered."""
     engine = StreamEngine(make_model(), make_model())
     assert all((u.slab.data_ptr() + s.offset) % 4096 == 0 for u in engine.units for s in u.specs)
+
+
+def test_weights_moved_away_return_to_their_slab(x, reference):
+    """ComfyUI's module.to() gives parameters new memory; unpatched ones go back to the slab."""
+    model = make_model()
+    engine = StreamEngine(model, model)
+    first = model.blocks[0].mlp[0]
+    first.weight.data = first.weight.data.clone()  # what a round trip through another device leaves
+    assert not engine.units[0].specs[2].holds(engine.units[0].slab)
+    assert engine.restore_host_views(lambda spec: True) == 1
+    assert engine.units[0].specs[2].holds(engine.units[0].slab)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
