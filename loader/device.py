@@ -248,3 +248,11 @@ def copied_bytes() -> int:
     """Host-to-device bytes copied by the engine on every device of this process."""
     with _devices_lock:
         return sum(d.copied_bytes for d in _devices.values())
+
+
+def pinned_report() -> dict:
+    """Page-locked host bytes held by the engine, and the cap they are held under."""
+    with _devices_lock:
+        devices = list(_devices.values())
+    cap = devices[0].pinned_cap_bytes if devices else _default_pinned_cap()
+    return {"pinned_bytes": sum(d.pinned_bytes for d in devices), "pinned_cap_bytes": cap}

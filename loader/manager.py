@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .device import copied_bytes as device_copied_bytes
+from .device import pinned_report
 from .options import GIB, LoadOptions
 from .params import ParamStore
 from .safetensors_file import FileIdentity, ReadCounter, SafetensorsFile
@@ -161,6 +162,7 @@ class ModelManager:
         return {
             "disk_bytes_read": self.disk_bytes_read,
             "h2d_bytes": self.total_h2d_bytes,
+            **pinned_report(),
             "ram_budget_bytes": self.ram_budget_bytes,
             "held_host_bytes": sum(e.host_bytes for e in entries),
             "evictions": self.evictions,

@@ -47,18 +47,21 @@ def test_streamed_checkpoint_equals_core_within_the_budget(comfy, manager, refer
     assert figures.streamed_blocks > 0 and figures.streamed_bytes > 0 and figures.steps >= 3
     assert figures.peak_device_bytes <= figures.budget_bytes
     assert any(line.startswith("streamed (simulated device)") for line in out.ui["text"])
-    stats = manager.stats()["models"][0]["stream"]
-    assert stats["peak_device_bytes"] <= stats["budget_bytes"] == figures.budget_bytes
+    stats = manager.stats()
+    stream = stats["models"][0]["stream"]
+    assert stream["peak_device_bytes"] <= stream["budget_bytes"] == figures.budget_bytes
+    assert 0 < stats["pinned_bytes"] <= stats["pinned_cap_bytes"], "streamed slabs are pinned, under the cap"
 
 
-def test_streamed_mmdit_equals_core(comfy, manager):
+@pytest.mark.parametrize("share", [0.5, 0.8])
+def test_streamed_mmdit_equals_core(comfy, manager, share):
     from comfyui_streamloader.nodes.loaders import StreamLoaderDiffusionModel
 
     def load(**toggles):
         return StreamLoaderDiffusionModel.execute(UNET, weight_dtype="default", **{**TOGGLES, **toggles}).args[0]
 
     load()
-    gb = budget_gb(engine_of(manager), 0.6)
+    gb = budget_gb(engine_of(manager), share)
     ours = load(stream_layers=True, max_vram_gb=gb)
     core = comfy.UNETLoader().load_unet(UNET, "default")[0]
     pos, neg, latent = conditioning("sd3")
