@@ -12,6 +12,8 @@ from torch import nn
 FAMILY_BLOCK_LISTS: tuple[tuple[str, ...], ...] = (
     ("input_blocks", "middle_block", "output_blocks"),  # SD1.x, SD2, SDXL UNet
     ("double_blocks", "single_blocks"),  # Flux, Chroma, HunyuanVideo
+    ("double_stream_blocks", "single_stream_blocks"),  # HiDream
+    ("double_layers", "single_layers"),  # AuraFlow
     ("joint_blocks",),  # SD3 / MMDiT
     ("transformer_blocks",),  # Qwen-Image, LTXV
     ("blocks",),  # Wan

@@ -1,0 +1,76 @@
+"""stream_layers on a real ComfyUI server without a GPU: the simulated device, its budget, interrupts."""
+import time
+
+import pytest
+
+from server_helpers import (SAMPLER_NODE, disk_read, failed_run, free, image_digest, reset, rerun, run_digest,
+                            sd15_prompt, stats, ui_text)
+
+pytestmark = pytest.mark.server
+
+GIB = 1024**3
+# The tiny SD1.5 UNet holds 8 MiB outside its blocks and 92 MiB in 5 blocks (the largest 27 MiB):
+# 0.06 GiB fits the fixed weights, a ring of two slots and only the smallest blocks.
+BUDGET_GB = 0.06
+
+
+def streamed(budget_gb: float = BUDGET_GB, steps: int = 4) -> dict:
+    prompt = sd15_prompt(stream_layers=True, max_vram_gb=budget_gb)
+    prompt[SAMPLER_NODE]["inputs"]["steps"] = steps
+    return prompt
+
+
+def stream_stats(server) -> dict:
+    (model,) = stats(server)["models"]
+    return model["stream"]
+
+
+@pytest.fixture
+def reference(server) -> str:
+    """The pixels of the example workflow with every weight resident (stream_layers off)."""
+    reset(server)
+    return run_digest(server, sd15_prompt())
+
+
+def test_streamed_runs_equal_resident_within_the_budget(server, reference):
+    record = rerun(server, streamed())
+    assert image_digest(server, record) == reference
+    figures = stream_stats(server)
+    assert figures["streamed_blocks"] >= 3 and figures["streamed_blocks"] + figures["resident_blocks"] == 5
+    assert figures["streamed_bytes"] > 0 and figures["steps"] >= 4
+    assert figures["peak_device_bytes"] <= figures["budget_bytes"] == round(BUDGET_GB * GIB)
+    assert any(line.startswith("streamed (simulated device)") for line in ui_text(record, SAMPLER_NODE))
+    free(server)
+    read, again = disk_read(server, streamed())
+    assert read == 0 and image_digest(server, again) == reference
+
+
+def test_budget_below_the_minimum_fails_before_sampling_and_the_server_keeps_serving(server, reference):
+    error = failed_run(server, streamed(budget_gb=0.001))
+    assert error["node_id"] == SAMPLER_NODE
+    assert "minimum of" in error["exception_message"] and "max_vram_gb" in error["exception_message"]
+    assert run_digest(server, streamed()) == reference
+
+
+def test_interrupt_during_a_streamed_run_then_the_next_run_is_exact(server, reference):
+    rerun(server, streamed())  # loaded and attached: the long run below streams from its first step
+    prompt_id = server.post("/prompt", {"prompt": streamed(steps=400)})["prompt_id"]
+    _wait(lambda: stream_stats(server)["steps"] >= 3, "the long run to take a few steps")
+    server.post("/interrupt", {})
+    _wait(lambda: (server.get(f"/history/{prompt_id}").get(prompt_id) or {}).get("status", {})
+          .get("completed") is not None, "the interrupted run to end")
+    messages = [name for name, _ in server.get(f"/history/{prompt_id}")[prompt_id]["status"]["messages"]]
+    assert "execution_interrupted" in messages
+    figures = stream_stats(server)
+    assert figures["steps"] < 400 and figures["device_bytes"] <= figures["budget_bytes"]
+    free(server)
+    read, record = disk_read(server, streamed())
+    assert read == 0 and image_digest(server, record) == reference
+
+
+def _wait(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
