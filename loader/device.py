@@ -43,7 +43,8 @@ class Device:
                 raise torch.OutOfMemoryError(
                     f"{self.kind} device: {nbytes / GIB:.3f} GiB requested, "
                     f"{(self.capacity_bytes - self.held_bytes) / GIB:.3f} GiB free")
-            tensor = self._empty(nbytes)
+            with torch.inference_mode():  # see streaming._page_aligned_empty
+                tensor = self._empty(nbytes)
             self.held_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
             return tensor
@@ -85,7 +86,8 @@ class Device:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
         """Copy ``src`` into ``dst`` once ``after`` (an event of compute) has passed; returns its event."""
         self.copied_bytes += src.nbytes
-        return self._copy(dst, src, after)
+        with torch.inference_mode():  # the engine's buffers are inference tensors, whatever the caller's mode
+            return self._copy(dst, src, after)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, after):
         raise NotImplementedError

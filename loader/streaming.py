@@ -37,8 +37,15 @@ def _aligned(n: int) -> int:
 
 
 def _page_aligned_empty(nbytes: int) -> torch.Tensor:
-    """A host byte buffer that starts on a page boundary (torch's allocator aligns to 64 bytes)."""
-    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+    """A host byte buffer that starts on a page boundary (torch's allocator aligns to 64 bytes).
+
+    Always an inference tensor, whatever mode the caller is in: ComfyUI creates parameters
+    under inference mode, and an inference parameter whose data becomes a normal tensor fails
+    later with "Inference tensors do not track version counter" (ComfyUI unloads outside
+    inference mode). Normal parameters take inference data without complaint.
+    """
+    with torch.inference_mode():
+        raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
     shift = -raw.data_ptr() % _ALIGN
     return raw[shift:shift + nbytes]
 
@@ -59,7 +66,10 @@ class TensorSpec:
         return (self.module._buffers if self.is_buffer else self.module._parameters)[self.name]
 
     def view(self, base: torch.Tensor) -> torch.Tensor:
-        return base[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        # In inference mode whatever the caller's mode: a dtype view of an inference buffer made
+        # outside it is a normal tensor (see _page_aligned_empty).
+        with torch.inference_mode():
+            return base[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
     def point(self, tensor: torch.Tensor) -> None:
         if self.is_buffer:
@@ -93,7 +103,8 @@ class Unit:
         for spec, (_, _, p, _) in zip(self.specs, params):
             view = spec.view(self.slab)
             if id(p) not in pending:  # unread parameters hold nothing worth copying
-                view.copy_(p.data)
+                with torch.inference_mode():
+                    view.copy_(p.data)
             p.data = view
 
     def weight_modules(self) -> list[nn.Module]:
@@ -113,7 +124,8 @@ class Unit:
             if current.dtype != spec.dtype or current.shape != spec.shape:
                 raise ValueError(f"`{self.name}`: a patch changed `{spec.name}` to {current.dtype} "
                                  f"{tuple(current.shape)}; streaming needs {spec.dtype} {tuple(spec.shape)}")
-            spec.view(patched).copy_(current)
+            with torch.inference_mode():
+                spec.view(patched).copy_(current)
         return patched
 
     def point(self, base: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:

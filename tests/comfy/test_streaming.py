@@ -181,3 +181,17 @@ def test_a_streamed_model_survives_clone_and_detach_without_unpatch(comfy, manag
     assert torch.equal(sample(comfy, clone, pos, neg, latent), expected)
     assert engine.figures.streamed_bytes > 0 and engine.figures.peak_device_bytes <= engine.figures.budget_bytes
     assert clone.model_size() > clone.loaded_size() > 0, "honest sizes: part of the model is on the device"
+
+
+def test_unload_outside_inference_mode_then_a_plain_run(comfy, manager, reference):
+    """POST /free unloads in the prompt worker, outside inference mode; the next run must still work."""
+    import comfy.model_management as mm
+
+    pos, neg, latent, expected = reference
+    model, clip, _ = streamed_checkpoint(manager, 0.6)
+    patched = comfy.LoraLoader().load_lora(model, clip, "tiny_sd15_lora.safetensors", 0.8, 0.8)[0]
+    sample(comfy, patched, pos, neg, latent)
+    with torch.inference_mode(False):
+        mm.unload_all_models()
+    assert torch.equal(sample(comfy, load_checkpoint().args[0], pos, neg, latent), expected)
+    assert torch.equal(sample(comfy, streamed_checkpoint(manager, 0.6)[0], pos, neg, latent), expected)

@@ -230,3 +230,15 @@ def test_weights_moved_away_return_to_their_slab(x, reference):
     assert engine.units[0].specs[2].holds(engine.units[0].slab)
     with torch.inference_mode():
         assert torch.equal(model(x), reference)
+
+
+def test_inference_mode_parameters_survive_attach_and_detach_outside_it(x, reference):
+    """ComfyUI builds models under inference mode and unloads them outside it."""
+    with torch.inference_mode():
+        model = make_model()
+        engine = StreamEngine(model, model)
+    engine.attach(SimulatedDevice(), engine.fixed_bytes + 3 * block_bytes(engine))
+    engine.detach()
+    engine.restore_host_views(lambda spec: True)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
