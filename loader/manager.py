@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .device import copied_bytes as device_copied_bytes
 from .device import pinned_report
 from .options import GIB, LoadOptions
 from .params import ParamStore
-from .safetensors_file import FileIdentity, ReadCounter, SafetensorsFile
+from .safetensors_file import FileIdentity, ModelFileError, ReadCounter, SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,15 @@ class ModelManager:
 
     def get_or_load(self, path: str, kind: str, options: LoadOptions,
                     build: Callable[[ModelEntry], Any],
-                    progress: Callable[[int, int], None] | None = None) -> ModelEntry:
+                    progress: Callable[[int, int], None] | None = None,
+                    notes: list[str] | None = None) -> ModelEntry:
         """Return the held entry for ``path``, building it from a new params store if needed.
 
         Args:
             kind: what is built from the file ("checkpoint", "diffusion_model", "vae").
             build: turns the new entry (its params store) into the held value (ComfyUI objects).
             progress: eager loads report ``progress(done_bytes, total_bytes)``.
+            notes: receives what the loader node should tell the user (an eager load that fell back).
         """
         key = ModelKey(FileIdentity.of(path), kind, options.cache_key)
         with self._lock:
@@ -100,14 +103,42 @@ class ModelManager:
             else:
                 self._entries.move_to_end(key)
         if options.eager_load:
-            entry.store.load_all(progress)
+            self._load_eagerly(entry, progress, notes if notes is not None else [])
         return entry
+
+    def _load_eagerly(self, entry: ModelEntry, progress, notes: list[str]) -> None:
+        """Read the whole file now, unless it does not fit the RAM left: then say so and stay lazy."""
+        pending, available = entry.store.pending_bytes, self.available_host_bytes()
+        if pending > available:
+            note = (f"`eager_load` fell back to lazy reads: {pending / GIB:.2f} GiB are still to read but only "
+                    f"{max(available, 0) / GIB:.2f} GiB of RAM is available (the lower of free RAM and the "
+                    "StreamLoader RAM budget left); each part is read when first used. Free RAM or raise "
+                    "STREAMLOADER_RAM_BUDGET_GB to load eagerly.")
+            log.warning("StreamLoader: %s: %s", entry.path, note)
+            notes.append(note)
+            return
+        entry.store.load_all(progress)
+
+    def available_host_bytes(self) -> int:
+        """RAM an eager read may fill: the lower of MemAvailable and the budget minus what is resident."""
+        resident = sum(e.store.loaded_host_bytes for e in self.entries())
+        left = self.ram_budget_bytes - resident
+        free = _mem_available()
+        return left if free is None else min(left, free)
 
     def _load(self, key: ModelKey, build: Callable[[ModelEntry], Any]) -> ModelEntry:
         self._drop_stale_versions(key)
         store = ParamStore(SafetensorsFile(key.identity.path, self.read_counter))
         entry = ModelEntry(key, store)
-        entry.value = build(entry)
+        try:
+            entry.value = build(entry)
+        except ModelFileError:
+            raise
+        except Exception as e:
+            fault = store.refused or _architecture_mismatch(key.identity.path, e)
+            if fault is None:
+                raise
+            raise fault from e
         self._entries[key] = entry
         log.info("StreamLoader: holding %s (%s, %.2f GiB)", key.identity.path, key.kind, entry.host_bytes / GIB)
         self._evict_to_budget(keep=key)
@@ -169,6 +200,35 @@ class ModelManager:
             "reloads": self.reloads,
             "models": [e.describe() for e in entries],
         }
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def _architecture_mismatch(path: str, error: Exception) -> ModelFileError | None:
+    """Torch's load_state_dict error for a tensor whose shape does not fit the model ComfyUI
+    detected, as a ModelFileError that names the file; None for any other error."""
+    match = _SIZE_MISMATCH.search(str(error))
+    if match is None:
+        return None
+    name, in_file, in_model = match.groups()
+    return ModelFileError(
+        path, f"tensor `{name}` has shape {in_file} in the file but the architecture ComfyUI detected needs "
+        f"{in_model}; the file does not match its architecture (a bad export or a mislabelled model)",
+        "Re-export or re-download the file, or pick one made for this model.")
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is no /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _default_ram_budget() -> int:

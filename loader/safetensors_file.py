@@ -119,12 +119,29 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
     if not isinstance(metadata, dict):
         raise ModelFileError(path, "its `__metadata__` is not a JSON object")
     data_start = _HEADER_LENGTH_BYTES + len(raw)
-    data_size = file_size - data_start
-    tensors = {name: _parse_entry(name, spec, data_start, data_size, path) for name, spec in doc.items()}
+    tensors = {name: _parse_entry(name, spec, data_start, path) for name, spec in doc.items()}
+    _check_within_file(tensors, data_start, file_size - data_start, path)
     return SafetensorsHeader(path, file_size, tensors, {str(k): str(v) for k, v in metadata.items()})
 
 
-def _parse_entry(name: str, spec: object, data_start: int, data_size: int, path: str) -> TensorEntry:
+def _check_within_file(tensors: dict[str, TensorEntry], data_start: int, data_size: int, path: str) -> None:
+    """Every tensor must end within the data section. Tensors packed end to end (as every writer
+    lays them out) that run past it mean the file was cut short; otherwise the offsets are wrong."""
+    end = max((t.end - data_start for t in tensors.values()), default=0)
+    if end <= data_size:
+        return
+    if sum(t.nbytes for t in tensors.values()) == end:
+        raise ModelFileError(
+            path, f"it is truncated: its header describes {end} bytes of tensor data but only {data_size} "
+            f"follow it ({100 * data_size // end}%), as after an interrupted download or copy",
+            "Download or copy the file again.")
+    name, last = max(tensors.items(), key=lambda item: item[1].end)
+    raise ModelFileError(
+        path, f"tensor `{name}` ends at byte {last.end - data_start} of the data section, beyond its end "
+        f"({data_size} bytes); its offsets are out of range, the file is corrupt")
+
+
+def _parse_entry(name: str, spec: object, data_start: int, path: str) -> TensorEntry:
     if not isinstance(spec, dict):
         raise ModelFileError(path, f"the header entry of tensor `{name}` is not a JSON object")
     dtype_name = spec.get("dtype")
@@ -136,10 +153,6 @@ def _parse_entry(name: str, spec: object, data_start: int, data_size: int, path:
         raise ModelFileError(path, f"tensor `{name}` has an invalid shape {shape!r}")
     if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise ModelFileError(path, f"tensor `{name}` has invalid data offsets {offsets!r}")
-    if offsets[1] > data_size:
-        raise ModelFileError(
-            path, f"tensor `{name}` ends at byte {offsets[1]} of the data section, beyond its end "
-            f"({data_size} bytes); the file is truncated or its offsets are out of range")
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if offsets[1] - offsets[0] != expected:
         raise ModelFileError(

@@ -8,6 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from ..loader import GIB, LoadOptions, get_manager
 from ..loader.options import WEIGHT_DTYPES
+from ..loader.safetensors_file import FileIdentity
 from . import bridge
 from .inputs import eager_input, offload_input, to_options, toggle_inputs
 
@@ -27,16 +28,30 @@ def _progress_bar():
     return update
 
 
-def _load(folder: str, name: str, kind: str, options: LoadOptions, build):
+def _load(folder: str, name: str, kind: str, options: LoadOptions, build) -> tuple:
+    """(the manager's entry, what the node should say about this load)."""
     path = folder_paths.get_full_path_or_raise(folder, name)
-    return get_manager().get_or_load(path, kind, options, build, progress=_progress_bar())
+    notes: list[str] = []
+    entry = get_manager().get_or_load(path, kind, options, build, progress=_progress_bar(), notes=notes)
+    return entry, notes
 
 
-def _notes_ui(options: LoadOptions, entry) -> dict:
+def _file_fingerprint(folder: str, name: str):
+    """What ComfyUI compares between runs to decide whether a loader runs again: the file's
+    identity, so that a file replaced or modified on disk is never served from ComfyUI's cache."""
+    path = folder_paths.get_full_path(folder, name)
+    try:
+        identity = FileIdentity.of(path)
+    except (OSError, TypeError):  # missing: the loader runs and says so
+        return name
+    return (identity.path, identity.size, identity.mtime_ns, identity.inode)
+
+
+def _notes_ui(options: LoadOptions, entry, load_notes: list[str]) -> dict:
     has_gpu = not comfy.model_management.is_device_cpu(comfy.model_management.get_torch_device())
     held = entry.store.loaded_host_bytes / GIB
     lines = [f"held: {held:.2f} GiB in RAM" + (" (reads on first use)" if not entry.store.is_loaded else "")]
-    return {"text": lines + options.notes(has_gpu)}
+    return {"text": lines + load_notes + options.notes(has_gpu)}
 
 
 class StreamLoaderCheckpoint(io.ComfyNode):
@@ -50,13 +65,17 @@ class StreamLoaderCheckpoint(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, ckpt_name, **toggles):
+        return _file_fingerprint("checkpoints", ckpt_name)
+
+    @classmethod
     def execute(cls, ckpt_name, **toggles) -> io.NodeOutput:
         options = to_options(**toggles)
-        entry = _load("checkpoints", ckpt_name, "checkpoint", options, bridge.build_checkpoint)
+        entry, notes = _load("checkpoints", ckpt_name, "checkpoint", options, bridge.build_checkpoint)
         parts = entry.value
         clip = bridge.clip_with_options(parts.clip, options) if parts.clip is not None else None
         vae = bridge.vae_with_options(parts.vae, options) if parts.vae is not None else None
-        return io.NodeOutput(parts.model.with_options(options), clip, vae, ui=_notes_ui(options, entry))
+        return io.NodeOutput(parts.model.with_options(options), clip, vae, ui=_notes_ui(options, entry, notes))
 
 
 class StreamLoaderDiffusionModel(io.ComfyNode):
@@ -71,11 +90,15 @@ class StreamLoaderDiffusionModel(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, unet_name, **toggles):
+        return _file_fingerprint("diffusion_models", unet_name)
+
+    @classmethod
     def execute(cls, unet_name, **toggles) -> io.NodeOutput:
         options = to_options(**toggles)
-        entry = _load("diffusion_models", unet_name, "diffusion_model", options,
-                      lambda e: bridge.build_diffusion_model(e, options))
-        return io.NodeOutput(entry.value.with_options(options), ui=_notes_ui(options, entry))
+        entry, notes = _load("diffusion_models", unet_name, "diffusion_model", options,
+                             lambda e: bridge.build_diffusion_model(e, options))
+        return io.NodeOutput(entry.value.with_options(options), ui=_notes_ui(options, entry, notes))
 
 
 class StreamLoaderVAE(io.ComfyNode):
@@ -90,7 +113,11 @@ class StreamLoaderVAE(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, vae_name, **toggles):
+        return _file_fingerprint("vae", vae_name)
+
+    @classmethod
     def execute(cls, vae_name, **toggles) -> io.NodeOutput:
         options = to_options(**toggles)
-        entry = _load("vae", vae_name, "vae", options, bridge.build_vae)
-        return io.NodeOutput(bridge.vae_with_options(entry.value, options), ui=_notes_ui(options, entry))
+        entry, notes = _load("vae", vae_name, "vae", options, bridge.build_vae)
+        return io.NodeOutput(bridge.vae_with_options(entry.value, options), ui=_notes_ui(options, entry, notes))

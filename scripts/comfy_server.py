@@ -28,8 +28,11 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None):
+    def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None,
+                 env: dict[str, str] | None = None):
+        """``env``: variables set for the server on top of this process's environment."""
         self.comfy_path = comfy_path
+        self.extra_env = dict(env or {})
         self.models_dir = os.path.abspath(models_dir)
         self.port = port or free_port()
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="streamloader-comfy-")
@@ -57,7 +60,7 @@ class ComfyServer:
         return path
 
     def start(self, timeout: float = 120.0) -> "ComfyServer":
-        env = {**os.environ, "DO_NOT_TRACK": "1"}
+        env = {**os.environ, "DO_NOT_TRACK": "1", **self.extra_env}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.command(), cwd=self.comfy_path, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -111,18 +114,26 @@ class ComfyServer:
             body = r.read()
             return json.loads(body) if body else None
 
-    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
-        """Queue an API-format prompt and wait for it; returns its /history record."""
+    def submit(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format prompt and wait for it; returns its /history record, failed or not."""
         prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             record = self.get(f"/history/{prompt_id}").get(prompt_id)
             if record and record.get("status", {}).get("completed") is not None:
-                if record["status"].get("status_str") == "error":
-                    raise RuntimeError(f"prompt failed: {json.dumps(record['status']['messages'])[:2000]}")
                 return record
             time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format prompt and wait for it; returns its /history record, raises if it failed."""
+        record = self.submit(prompt, timeout)
+        error = execution_error(record)
+        if error is not None:
+            where = "".join(error.get("traceback", [])[-2:])
+            raise RuntimeError(f"prompt failed in node {error.get('node_id')} ({error.get('node_type')}): "
+                               f"{error['exception_message'].strip()}\n{where}")
+        return record
 
     def output_path(self, image: dict) -> str:
         return os.path.join(self.base_dir, "output", image.get("subfolder", ""), image["filename"])
@@ -135,6 +146,15 @@ def executed_nodes(record: dict) -> set[str]:
         if name == "execution_cached":
             cached.update(data["nodes"])
     return set(record["prompt"][2]) - cached
+
+
+def execution_error(record: dict) -> dict | None:
+    """The ``execution_error`` message of a failed /history record (node_id, exception_message,
+    executed ...), or None if the prompt succeeded."""
+    if record["status"].get("status_str") != "error":
+        return None
+    errors = [data for name, data in record["status"]["messages"] if name == "execution_error"]
+    return errors[0] if errors else {"exception_message": json.dumps(record["status"]["messages"])[:2000]}
 
 
 def serve_forever(comfy_path: str, models_dir: str, port: int) -> None:

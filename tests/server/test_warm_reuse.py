@@ -1,44 +1,24 @@
 """A real ComfyUI server, API workflows queued twice: the second run reads nothing from disk."""
-import copy
-import hashlib
 import json
 import os
 import subprocess
 
 import pytest
-from PIL import Image
-
-from comfy_server import REPO, executed_nodes
+from comfy_server import executed_nodes
+from server_helpers import disk_read, image_digest, reset, sd15_prompt, with_lora
 
 pytestmark = pytest.mark.server
-
-WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
 
 
 @pytest.fixture
 def prompt():
-    with open(WORKFLOW) as f:
-        return json.load(f)
+    return sd15_prompt()
 
 
 @pytest.fixture(autouse=True)
 def cold(server):
     """Every test starts with nothing held by ComfyUI or the pack."""
-    server.post("/free", {"unload_models": True, "free_memory": True})
-    server.post("/streamloader/release", {})
-
-
-def disk_read(server, prompt) -> tuple[int, dict]:
-    before = server.get("/streamloader/stats")["disk_bytes_read"]
-    record = server.run(prompt)
-    return server.get("/streamloader/stats")["disk_bytes_read"] - before, record
-
-
-def image_digest(server, record) -> str:
-    """Digest of the pixels (the PNG's metadata holds the prompt, which differs)."""
-    image = record["outputs"]["7"]["images"][0]
-    with Image.open(server.output_path(image)) as png:
-        return hashlib.sha256(png.tobytes()).hexdigest()
+    reset(server)
 
 
 def test_stats_route_shape(server, prompt):
@@ -84,12 +64,8 @@ def test_outputs_repeat_exactly_and_release_reads_again(server, prompt):
 
 
 def test_core_nodes_consume_the_packs_outputs(server, prompt):
-    core = copy.deepcopy(prompt)
-    core["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                 "lora_name": "tiny_sd15_lora.safetensors", "strength_model": 0.7, "strength_clip": 0.7}}
-    core["2"]["inputs"]["clip"] = ["8", 1]
-    core["3"]["inputs"]["clip"] = ["8", 1]
-    core["5"] = {"class_type": "KSampler", "inputs": {**prompt["5"]["inputs"], "model": ["8", 0]}}
+    core = with_lora(prompt, 0.7)
+    core["5"] = {"class_type": "KSampler", "inputs": {**core["5"]["inputs"]}}
     core["6"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}}
     record = server.run(core)
     assert record["outputs"]["7"]["images"]

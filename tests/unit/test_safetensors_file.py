@@ -60,8 +60,8 @@ def test_bad_files_are_refused_with_the_fault_named(tmp_path, case, fault):
         write_raw(p, b"{}", length=10**6)
     elif case == "not_json":
         write_raw(p, b"{not json}")
-    elif case == "beyond_end":
-        write_raw(p, json.dumps({"t": entry}).encode(), b"\0" * 4)
+    elif case == "beyond_end":  # not cut short: the offsets skip past the bytes that are there
+        write_raw(p, json.dumps({"t": {**entry, "data_offsets": [8, 16]}}).encode(), b"\0" * 8)
     elif case == "bad_span":
         write_raw(p, json.dumps({"t": {**entry, "shape": [3]}}).encode(), b"\0" * 8)
     elif case == "bad_dtype":
@@ -73,12 +73,24 @@ def test_bad_files_are_refused_with_the_fault_named(tmp_path, case, fault):
     assert str(p) in str(info.value) and "Re-download" in str(info.value)
 
 
-def test_truncated_real_file_is_refused(good_file, tmp_path):
-    data = open(good_file, "rb").read()
+@pytest.mark.parametrize("cut_bytes", [1, 5, 27])
+def test_truncated_real_file_is_refused_as_truncated(good_file, tmp_path, cut_bytes):
+    with open(good_file, "rb") as f:
+        data = f.read()
     cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(data[:-5])
-    with pytest.raises(ModelFileError, match="truncated"):
+    cut.write_bytes(data[:-cut_bytes])
+    with pytest.raises(ModelFileError, match="it is truncated: its header describes 32 bytes of tensor data") as info:
         read_header(str(cut))
+    assert str(cut) in str(info.value) and f"only {32 - cut_bytes} follow" in str(info.value)
+    assert "Download or copy the file again" in str(info.value)
+
+
+def test_offsets_past_the_end_with_a_gap_are_corrupt_not_truncated(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "b": {"dtype": "F32", "shape": [1], "data_offsets": [1000, 1004]}}
+    path = write_raw(tmp_path / "gap.safetensors", json.dumps(header).encode(), b"\0" * 8)
+    with pytest.raises(ModelFileError, match="tensor `b` ends at byte 1004 .* beyond its end .*corrupt"):
+        read_header(path)
 
 
 def test_a_file_changed_after_opening_is_not_read_stale(good_file):
