@@ -155,12 +155,24 @@ class ParamStore:
         return total
 
     def _read_pending(self, pending: list[_Binding], total: int, progress) -> None:
-        done = 0
+        """Read in parallel. ``progress`` runs on the calling thread and may raise (ComfyUI's
+        progress hook raises on an interrupt): the readers then skip what they have not
+        started, and those tensors stay pending, to be read on first use. The readers only look
+        at their own stop flag; ComfyUI's interrupt flag is left to the calling thread."""
+        done, stop = 0, threading.Event()
+
+        def read(binding: _Binding) -> _Binding:
+            return binding if stop.is_set() else self._load_binding(binding, fd)
+
         with self.file.opened() as fd, ThreadPoolExecutor(_READ_THREADS) as pool:
-            for binding in pool.map(lambda b: self._load_binding(b, fd), pending):
-                done += binding.entry.nbytes
-                if progress is not None:
-                    progress(done, total)
+            try:
+                for binding in pool.map(read, pending):
+                    done += binding.entry.nbytes
+                    if progress is not None:
+                        progress(done, total)
+            except BaseException:
+                stop.set()
+                raise
 
     def _load_binding(self, binding: _Binding, fd: int) -> _Binding:
         data = binding.target.data

@@ -157,3 +157,23 @@ def test_release_all_drops_everything(net_file):
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError, match="`"):
         LoadOptions(**bad)
+
+
+def test_an_interrupted_eager_read_leaves_every_tensor_read_or_pending(tmp_path):
+    """ComfyUI's progress hook raises on an interrupt: what was read stays, the rest is read later."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(48)])
+    path = str(tmp_path / "deep.safetensors")
+    save_file(net.state_dict(), path)
+    store = ParamStore(SafetensorsFile(path, ReadCounter()))
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(48)])
+    model.load_state_dict(store.lazy_state_dict())
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt("interrupted from the progress hook")
+
+    with pytest.raises(KeyboardInterrupt):
+        store.load_all(interrupt)
+    pending = store.pending_bytes
+    assert store.load_all() == pending, "the rest is read once, later"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), net.state_dict().values()))
