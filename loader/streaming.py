@@ -13,7 +13,9 @@ output, and dtype casts (fp8 → bf16 ...) happen on the device, in the model's 
 """
 from __future__ import annotations
 
+import bisect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,8 @@ from .planner import Plan, plan_residency
 
 log = logging.getLogger(__name__)
 
+CHUNK_ENV = "STREAMLOADER_CHUNK_MB"
+DEFAULT_CHUNK_BYTES = 64 * 1024**2
 _ALIGN = 4096  # slab offsets on page boundaries: any dtype aligns, and per-tensor pinning (ComfyUI's lowvram path) never shares a page
 
 
@@ -92,11 +96,17 @@ def _layout(tensors: list[tuple[nn.Module, str, torch.Tensor, bool]]) -> tuple[l
 
 
 class Unit:
-    """One block: its parameters packed into one contiguous host slab, the unit of a copy."""
+    """A block, or a chunk of a large block: its parameters packed into one contiguous host slab,
+    the unit of a copy."""
 
-    def __init__(self, name: str, module: nn.Module, pending: frozenset[int]):
-        self.name, self.module = name, module
-        params = [(m, n, p, False) for m in module.modules() for n, p in m._parameters.items() if p is not None]
+    def __init__(self, name: str, block: nn.Module, modules: list[nn.Module], pending: frozenset[int]):
+        """
+        Args:
+            block: the block this unit belongs to.
+            modules: the modules whose own parameters the unit holds (the whole block, or a chunk).
+        """
+        self.name, self.module, self.modules = name, block, modules
+        params = [(m, n, p, False) for m in modules for n, p in m._parameters.items() if p is not None]
         self.specs, self.nbytes = _layout(params)
         self.slab = _page_aligned_empty(self.nbytes)
         self.pinned_on: Device | None = None  # the device that page-locked the slab
@@ -108,8 +118,10 @@ class Unit:
             p.data = view
 
     def weight_modules(self) -> list[nn.Module]:
-        """The block and every module in it that holds parameters of its own."""
-        return list(dict.fromkeys([self.module, *(s.module for s in self.specs)]))
+        """The modules whose call enters this unit: those holding its parameters, and the block
+        itself when the unit is the whole block."""
+        whole = len(self.modules) == len(list(self.module.modules()))
+        return list(dict.fromkeys([*([self.module] if whole else []), *(s.module for s in self.specs)]))
 
     def keys(self) -> set[tuple[int, str]]:
         return {(id(s.module), s.name) for s in self.specs}
@@ -131,6 +143,33 @@ class Unit:
     def point(self, base: torch.Tensor, views: list[torch.Tensor] | None = None) -> None:
         for spec, view in zip(self.specs, views or [s.view(base) for s in self.specs]):
             spec.point(view)
+
+
+def default_chunk_bytes() -> int:
+    value = os.environ.get(CHUNK_ENV)
+    if not value:
+        return DEFAULT_CHUNK_BYTES
+    try:
+        return int(float(value) * 1024**2)
+    except ValueError:
+        raise ValueError(f"{CHUNK_ENV} must be a number of MiB (0 = whole blocks), not {value!r}") from None
+
+
+def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
+    """The block's parameter-holding modules, in order, as one chunk or (over 2 x chunk_bytes)
+    as consecutive chunks of about ``chunk_bytes`` each (a larger module is a chunk alone)."""
+    holders = [m for m in block.modules() if any(p is not None for p in m._parameters.values())]
+    sizes = [sum(p.nbytes for p in m._parameters.values() if p is not None) for m in holders]
+    if not chunk_bytes or sum(sizes) <= 2 * chunk_bytes:
+        return [list(block.modules())]
+    chunks, current, size = [], [], 0
+    for module, nbytes in zip(holders, sizes):
+        if current and size + nbytes > chunk_bytes:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(module)
+        size += nbytes
+    return chunks + [current]
 
 
 @dataclass
@@ -166,15 +205,22 @@ class StreamFigures:
 class StreamEngine:
     """Blocks of one diffusion model, packed for streaming; attach places them under a budget."""
 
-    def __init__(self, root: nn.Module, blocks_root: nn.Module, pending: frozenset[int] = frozenset()):
+    def __init__(self, root: nn.Module, blocks_root: nn.Module, pending: frozenset[int] = frozenset(),
+                 chunk_bytes: int | None = None):
         """
         Args:
             root: the module ComfyUI loads (its tensors outside the blocks stay resident).
             blocks_root: the diffusion model whose blocks stream.
             pending: ids of parameters the params store has not read yet (not copied when packing).
+            chunk_bytes: blocks over twice this size stream in chunks of about this size, so the
+                ring stays small and more of the budget holds resident weights (None: the
+                default, ``STREAMLOADER_CHUNK_MB`` or 64 MiB; 0: whole blocks).
         """
         self.root, self.blocks_root = root, blocks_root
-        self.units = [Unit(name, module, pending) for name, module in discover_blocks(blocks_root)]
+        chunk = default_chunk_bytes() if chunk_bytes is None else chunk_bytes
+        self.units = [Unit(f"{name}[{k}]" if len(chunks) > 1 else name, block, modules, pending)
+                      for name, block in discover_blocks(blocks_root)
+                      for chunks in [split_block(block, chunk)] for k, modules in enumerate(chunks)]
         self.figures = StreamFigures()
         self.attached: _Placement | None = None
         self._lock = threading.RLock()
@@ -296,7 +342,52 @@ class _Slot:
         self.ready = None  # event: the copy into this slot finished
         self.released = None  # event: compute stopped reading this slot
         self.busy = False
-        self.last_use = 0
+
+
+class _Schedule:
+    """The order streamed units are entered in a step, learned from the last step, with repeats
+    (a chunk can run, give way to another chunk, and run again within one block)."""
+
+    def __init__(self, order: list[int]):
+        self.learn(order)
+
+    def learn(self, order: list[int]) -> None:
+        self.order = order
+        self.cursor = -1  # position of the unit computing now; -1 before a step's first
+        self.positions: dict[int, list[int]] = {}
+        for pos, unit in enumerate(order):
+            self.positions.setdefault(unit, []).append(pos)
+
+    def advance(self, unit: int) -> None:
+        """Move the cursor to ``unit``'s next entry (None when the order does not know it)."""
+        if self.cursor is None:  # lost earlier in this step: pick the order up again here
+            self.cursor = self.positions[unit][0] if unit in self.positions else None
+            return
+        pos = self.distance(unit)
+        self.cursor = None if pos is None else (self.cursor + pos) % len(self.order)
+
+    def distance(self, unit: int) -> int | None:
+        """Entries from the cursor to ``unit``'s next one (cyclic: the next step follows this one)."""
+        positions = self.positions.get(unit)
+        if not positions or self.cursor is None:
+            return None
+        k = bisect.bisect_right(positions, self.cursor)
+        nxt = positions[k] if k < len(positions) else positions[0] + len(self.order)
+        return nxt - self.cursor
+
+    def upcoming(self, count: int) -> list[int]:
+        """The next ``count`` distinct units after the cursor."""
+        out: list[int] = []
+        if self.cursor is None:
+            return out
+        n = len(self.order)
+        for k in range(1, n + 1):
+            unit = self.order[(self.cursor + k) % n]
+            if unit not in out and unit != self.order[self.cursor % n]:
+                out.append(unit)
+            if len(out) == count:
+                break
+        return out
 
 
 class _Placement:
@@ -311,14 +402,14 @@ class _Placement:
         self.host_bases = [u.host_base() for u in self.units]
         self.fixed_specs, fixed_bytes = _layout(fixed)
         self.fixed_host = [t for _, _, t, _ in fixed]
-        self.order = [i for i in range(len(self.units)) if i not in plan.resident]
+        self.streamed = [i for i in range(len(self.units)) if i not in plan.resident]
+        self.schedule = _Schedule(list(self.streamed))
         self.slots: list[_Slot] = []
         self.views: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.entered: dict[int, _Slot] = {}
         self.sequence: list[int] = []
         self.copy_events, self.stall_tokens = [], []
         self.pinned_patched: list[torch.Tensor] = []
-        self.uses = 0
         self.step_start = time.perf_counter()
         try:
             self._place_fixed(fixed_bytes)
@@ -335,7 +426,7 @@ class _Placement:
     def fresh_figures(self) -> StreamFigures:
         return StreamFigures(
             budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
-            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.order), slots=len(self.slots))
+            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.streamed), slots=len(self.slots))
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         tensor = self.device.allocate(nbytes)
@@ -356,24 +447,29 @@ class _Placement:
             base = self._allocate(self.units[i].nbytes)
             self.device.copy(base, self.host_bases[i])
             self.units[i].point(base)
-        if not self.order:
+        if not self.streamed:
             return
-        for i in self.order:
+        for i in self.streamed:
             self._pin(i)
         self.slots = [_Slot(self._allocate(self.plan.slot_bytes)) for _ in range(self.plan.slots)]
-        for i in self.order:
-            # Some models run a block's children without calling the block (ComfyUI's UNet runs
-            # each layer of a TimestepEmbedSequential): any module holding its weights enters it.
-            unit = self.units[i]
-            for module in unit.weight_modules():
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        # Some models run a block's layers without calling the block (ComfyUI's UNet runs each
+        # layer of a TimestepEmbedSequential): any module holding a unit's weights enters it.
+        blocks: dict[int, nn.Module] = {}
+        for i in self.streamed:
+            for module in self.units[i].weight_modules():
                 self.hooks.append(module.register_forward_pre_hook(lambda m, a, i=i: self.enter(i)))
-            self.hooks.append(unit.module.register_forward_hook(lambda m, a, o, i=i: self.exit(i), always_call=True))
+            blocks[id(self.units[i].module)] = self.units[i].module
+        for block in blocks.values():
+            self.hooks.append(block.register_forward_hook(lambda m, a, o: self.exit_block(m), always_call=True))
         root = self.engine.blocks_root
         self.hooks.append(root.register_forward_pre_hook(lambda m, a: self.begin_step()))
         self.hooks.append(root.register_forward_hook(lambda m, a, o: self.end_step(), always_call=True))
 
     def _pin(self, i: int) -> None:
-        """Page-lock a streamed block's host bytes (within the cap); the slab stays pinned across runs."""
+        """Page-lock a streamed unit's host bytes (within the cap); the slab stays pinned across runs."""
         unit, base = self.units[i], self.host_bases[i]
         if base is not unit.slab:
             if self.device.pin(base):
@@ -381,30 +477,29 @@ class _Placement:
         elif unit.pinned_on is None and self.device.pin(base):
             unit.pinned_on = self.device
 
-    # The step: begin_step → (enter i, exit i)* → end_step, from forward hooks.
+    # The step: begin_step → (enter i)* → end_step, from forward hooks.
     def begin_step(self) -> None:
         self.sequence = []
+        self.schedule.cursor = -1
         self.step_start = time.perf_counter()
 
     def enter(self, i: int) -> None:
         if i in self.entered:
-            return  # a layer of the block that is running
-        for other in list(self.entered):  # blocks run one after another: the previous one is done
+            return  # a layer of the unit that is running
+        for other in list(self.entered):  # units run one after another: the previous one is done
             self.exit(other)
         if self.check_interrupt is not None:
             self.check_interrupt()
         self.sequence.append(i)
-        slot = self._slot_of(i) or self._load(i)
+        self.schedule.advance(i)
+        slot = self._slot_of(i) or self._load(i, self._victim())
         token = self.device.wait(slot.ready)
         if token is not None:
             self.stall_tokens.append(token)
-        self.uses += 1
-        slot.busy, slot.last_use = True, self.uses
+        slot.busy = True
         self.units[i].point(slot.tensor, self._views(slot, i))
         self.entered[i] = slot
-        for j in self._upcoming(i):
-            if self._slot_of(j) is None and self._free_slot(avoid=i) is not None:
-                self._load(j)
+        self._prefetch()
 
     def exit(self, i: int) -> None:
         slot = self.entered.pop(i, None)
@@ -414,45 +509,61 @@ class _Placement:
         slot.busy = False
         self.units[i].point(self.host_bases[i], self._views(None, i))
 
+    def exit_block(self, block: nn.Module) -> None:
+        for i in [i for i in self.entered if self.units[i].module is block]:
+            self.exit(i)
+
     def end_step(self) -> None:
         for i in list(self.entered):  # a forward that raised (an interrupt) skipped some exits
             self.exit(i)
         self.device.synchronize()  # no copy in flight past a step; makes the timings readable
         figures = self.engine.figures
         if self.sequence:
-            self.order = list(dict.fromkeys(self.sequence))
+            self.schedule.learn(self.sequence)
         figures.steps += 1
         figures.step_seconds += time.perf_counter() - self.step_start
         figures.copy_seconds += self.device.copy_seconds(self.copy_events)
         figures.stall_seconds += self.device.stall_seconds(self.stall_tokens)
         self.copy_events, self.stall_tokens = [], []
 
+    def _prefetch(self) -> None:
+        """Copy the next units ahead into slots whose units are needed later than they are."""
+        for j in self.schedule.upcoming(self.plan.prefetch_depth):
+            if self._slot_of(j) is not None:
+                continue
+            slot = self._victim(needed_in=self.schedule.distance(j))
+            if slot is None:
+                return
+            self._load(j, slot)
+
+    def _victim(self, needed_in: int | None = None) -> _Slot | None:
+        """The idle slot whose unit is needed last (Belady); with ``needed_in``, only one whose
+        unit is needed later than that."""
+        def next_use(slot: _Slot) -> float:
+            if slot.unit is None:
+                return float("inf")
+            distance = self.schedule.distance(slot.unit)
+            return float("inf") if distance is None else distance
+
+        idle = [s for s in self.slots if not s.busy]
+        slot = max(idle, key=next_use, default=None)
+        if slot is None or (needed_in is not None and next_use(slot) <= needed_in):
+            return None
+        return slot
+
     def _slot_of(self, i: int) -> _Slot | None:
         return next((s for s in self.slots if s.unit == i), None)
 
-    def _free_slot(self, avoid: int) -> _Slot | None:
-        candidates = [s for s in self.slots if not s.busy and s.unit != avoid]
-        return min(candidates, key=lambda s: (s.unit is not None, s.last_use), default=None)
-
-    def _load(self, i: int) -> _Slot:
-        slot = self._free_slot(avoid=i)
+    def _load(self, i: int, slot: _Slot | None) -> _Slot:
         if slot is None:
             raise RuntimeError(f"StreamLoader: no free slot for `{self.units[i].name}`: "
-                               f"{len(self.entered)} blocks are running at once, the ring has {len(self.slots)}")
+                               f"{len(self.entered)} units are running at once, the ring has {len(self.slots)}")
         unit = self.units[i]
-        self.uses += 1
-        slot.unit, slot.last_use = i, self.uses
+        slot.unit = i
         slot.ready = self.device.copy(slot.tensor[:unit.nbytes], self.host_bases[i], after=slot.released)
         self.copy_events.append(slot.ready)
         self.engine.figures.streamed_bytes += unit.nbytes
         return slot
-
-    def _upcoming(self, i: int) -> list[int]:
-        if i not in self.order:
-            return []
-        at = self.order.index(i)
-        n = len(self.order)
-        return [self.order[(at + k) % n] for k in range(1, min(self.plan.prefetch_depth, n - 1) + 1)]
 
     def _views(self, slot: _Slot | None, i: int) -> list[torch.Tensor]:
         key = (-1 if slot is None else self.slots.index(slot), i)

@@ -70,6 +70,25 @@ def test_streamed_mmdit_equals_core(comfy, manager, share):
     assert figures.streamed_blocks > 0 and figures.peak_device_bytes <= gb * GIB
 
 
+def test_mmdit_streamed_in_sub_block_chunks_equals_core(comfy, manager, monkeypatch):
+    from comfyui_streamloader.nodes.loaders import StreamLoaderDiffusionModel
+
+    monkeypatch.setenv("STREAMLOADER_CHUNK_MB", "2")  # the tiny joint blocks hold 9 MiB each
+
+    def load(**toggles):
+        return StreamLoaderDiffusionModel.execute(UNET, weight_dtype="default", **{**TOGGLES, **toggles}).args[0]
+
+    load()
+    engine = engine_of(manager)
+    assert len(engine.units) > 4 and engine.units[0].name == "joint_blocks.0[0]"
+    ours = load(stream_layers=True, max_vram_gb=budget_gb(engine, 0.3))
+    core = comfy.UNETLoader().load_unet(UNET, "default")[0]
+    pos, neg, latent = conditioning("sd3")
+    assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
+    figures = engine.figures
+    assert figures.streamed_bytes > 0 and figures.peak_device_bytes <= figures.budget_bytes
+
+
 def test_lora_on_a_streamed_model_equals_core_and_is_patched_once(comfy, manager, reference, monkeypatch):
     import comfy.lora as comfy_lora
 

@@ -139,7 +139,7 @@ def test_prefetch_follows_the_learned_order(x):
     model, engine, device, plan, _ = streamed(0.0, x, steps=2, depth=2)
     assert plan.slots == 3
     placement = engine.attached
-    assert placement.order == [i for i in range(DEPTH) if i not in plan.resident]
+    assert placement.schedule.order == [i for i in range(DEPTH) if i not in plan.resident]
 
 
 def test_interrupt_mid_step_leaves_nothing_in_flight(x, reference):
@@ -240,5 +240,57 @@ def test_inference_mode_parameters_survive_attach_and_detach_outside_it(x, refer
     engine.attach(SimulatedDevice(), engine.fixed_bytes + 3 * block_bytes(engine))
     engine.detach()
     engine.restore_host_views(lambda spec: True)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+
+
+class Interleaved(nn.Module):
+    """A block whose first layer runs again after the second, as attention projections do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.b(self.a(x))))
+
+
+class InterleavedStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Interleaved() for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_chunks_of_a_block_stream_each_once_per_step():
+    torch.manual_seed(0)
+    model = InterleavedStack().eval()
+    x = torch.randn(2, WIDTH)
+    with torch.inference_mode():
+        expected = model(x)
+    engine = StreamEngine(model, model, chunk_bytes=1)  # every layer a chunk of its own
+    assert [u.name for u in engine.units[:2]] == ["blocks.0[0]", "blocks.0[1]"]
+    engine.attach(SimulatedDevice(), engine.fixed_bytes + 2 * max(engine.unit_bytes))
+    with torch.inference_mode():
+        for _ in range(2):  # the first step learns the order (`a` entered twice); the second starts from it
+            assert torch.equal(model(x), expected)
+        before = engine.figures.streamed_bytes
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+    assert engine.figures.streamed_bytes - before == 3 * sum(engine.unit_bytes), "no chunk copied twice a step"
+
+
+def test_blocks_over_twice_the_chunk_size_stream_in_chunks(x, reference):
+    model = make_model()
+    block = block_bytes(StreamEngine(model, model, chunk_bytes=0))
+    assert len(StreamEngine(model, model, chunk_bytes=block // 2).units) == DEPTH, "not over twice: whole blocks"
+    split = StreamEngine(model, model, chunk_bytes=block // 3)
+    assert len(split.units) == 3 * DEPTH and max(split.unit_bytes) < block
+    plan = split.attach(SimulatedDevice(), split.fixed_bytes + 2 * max(split.unit_bytes))
+    assert plan.minimum_bytes < split.fixed_bytes + block, "smaller units lower the minimum budget"
     with torch.inference_mode():
         assert torch.equal(model(x), reference)
