@@ -100,8 +100,9 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
             # stream_layers toggled on a model ComfyUI still holds: place it again.
             self.unpatch_model(self.offload_device, unpatch_weights=True)
         if streams:
+            held = self.loaded_size()
             result = super().partially_load(device_to, extra_memory, force_patch_weights)
-            self._reclamp(device_to)
+            self._reclamp(held + extra_memory if 0 < extra_memory < _NO_LIMIT else None)
             engine.begin_run()
             return result
         # LoadedModel.model_load asks for `extra_memory` more bytes on the device; the budget caps it.
@@ -112,13 +113,14 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
             extra_memory = min(extra_memory, max(budget - self.loaded_size(), 0))
         return super().partially_load(device_to, extra_memory, force_patch_weights)
 
-    def _reclamp(self, device_to) -> None:
-        """Re-plan a model that stayed attached when its budget changed (less free memory, a new cap)."""
+    def _reclamp(self, comfy_limit: float | None) -> None:
+        """Re-plan a model that stayed attached when its budget changed (less free memory, a new
+        cap, less room offered by ComfyUI's memory manager: ``comfy_limit``, its bytes in all)."""
         engine = self.stream_engine
         placement = engine.attached
         if placement is None:
             return
-        budget = self._stream_budget(placement.device, None)
+        budget = self._stream_budget(placement.device, comfy_limit)
         if budget != placement.plan.budget_bytes:
             engine.attach(placement.device, budget, placement.plan.prefetch_depth, placement.check_interrupt)
             self.stream_entry.budget_bytes = budget
