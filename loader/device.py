@@ -8,13 +8,17 @@ pool of CPU tensors, and its copies are real copies, so results are bit-identica
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from .options import GIB
+
+log = logging.getLogger(__name__)
 
 SIMULATED_CAPACITY_ENV = "STREAMLOADER_SIMULATED_VRAM_GB"
 PINNED_CAP_ENV = "STREAMLOADER_PINNED_CAP_GB"
@@ -35,6 +39,8 @@ class Device:
         self.peak_bytes = 0
         self.pinned_bytes = 0
         self.copied_bytes = 0  # host-to-device, all copies ever
+        # Bytes others (ComfyUI's own lowvram path) page-locked, counted against the same cap.
+        self.pinned_elsewhere: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
 
     def allocate(self, nbytes: int) -> torch.Tensor:
@@ -63,7 +69,8 @@ class Device:
     def pin(self, host: torch.Tensor) -> bool:
         """Page-lock a host buffer for fast async copies, within the pinned-memory cap."""
         with self._lock:
-            if self.pinned_bytes + host.nbytes > self.pinned_cap_bytes or not self._register(host):
+            total = self.pinned_bytes + self.pinned_elsewhere() + host.nbytes
+            if total > self.pinned_cap_bytes or not self._register(host):
                 return False
             self.pinned_bytes += host.nbytes
             return True
@@ -173,15 +180,23 @@ class CudaDevice(Device):
     def _register(self, host: torch.Tensor) -> bool:
         # cudaHostRegister on an existing buffer: 0.2 s per 4 GiB on an H200, against 1.5 s
         # for a fresh pinned allocation (same call as ComfyUI's pin_memory).
-        return torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 1) == 0
+        if host.is_pinned():  # already page-locked (by ComfyUI): registering again would fail
+            return False
+        ok = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 1)) == 0
+        if not ok:
+            _clear_cuda_error()
+        return ok
 
     def _unregister(self, host: torch.Tensor) -> None:
-        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+        if int(torch.cuda.cudart().cudaHostUnregister(host.data_ptr())) != 0:
+            _clear_cuda_error()
 
     def _copy(self, dst, src, after):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.copy_stream):
-            if after is not None:
+            if after is None:  # dst may be memory the allocator took back from compute still queued
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.torch_device))
+            else:
                 self.copy_stream.wait_event(after)
             start.record(self.copy_stream)
             dst.copy_(src, non_blocking=True)
@@ -215,6 +230,16 @@ class CudaDevice(Device):
         return sum(e.start.elapsed_time(e) for e in events) / 1000.0
 
 
+def _clear_cuda_error() -> None:
+    """A failed runtime call leaves CUDA's last error set, and torch would report it at the next
+    kernel launch as if that kernel had failed: read it (which clears it) where the binding exists."""
+    get_last_error = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if get_last_error is not None:
+        get_last_error()
+    else:
+        log.warning("StreamLoader: a failed cudaHostRegister may surface at the next kernel launch")
+
+
 def _default_pinned_cap() -> int:
     configured = os.environ.get(PINNED_CAP_ENV)
     if configured:
@@ -235,6 +260,8 @@ _devices_lock = threading.Lock()
 
 def device_for(torch_device: torch.device) -> Device:
     """The process-wide Device for a torch device: CUDA as is, the CPU as a simulated device."""
+    if torch_device.type == "cuda" and torch_device.index is None:  # "cuda" and "cuda:0": one device
+        torch_device = torch.device("cuda", torch.cuda.current_device())
     key = str(torch_device)
     with _devices_lock:
         if key not in _devices:

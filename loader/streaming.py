@@ -157,13 +157,18 @@ def default_chunk_bytes() -> int:
 
 def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
     """The block's parameter-holding modules, in order, as one chunk or (over 2 x chunk_bytes)
-    as consecutive chunks of about ``chunk_bytes`` each (a larger module is a chunk alone)."""
+    as consecutive chunks of about ``chunk_bytes`` each (a larger module is a chunk alone).
+
+    In a split block, modules under chunk_bytes / 64 (norm scales, biases of their own) stay
+    out of every chunk, so resident: attention reads its q/k norms between the qkv and proj
+    layers, and a chunk holding them would be entered twice a step."""
     holders = [m for m in block.modules() if any(p is not None for p in m._parameters.values())]
     sizes = [sum(p.nbytes for p in m._parameters.values() if p is not None) for m in holders]
     if not chunk_bytes or sum(sizes) <= 2 * chunk_bytes:
         return [list(block.modules())]
+    streamed = [(m, n) for m, n in zip(holders, sizes) if n >= chunk_bytes // 64]
     chunks, current, size = [], [], 0
-    for module, nbytes in zip(holders, sizes):
+    for module, nbytes in streamed:
         if current and size + nbytes > chunk_bytes:
             chunks.append(current)
             current, size = [], 0
@@ -426,7 +431,24 @@ class _Placement:
     def fresh_figures(self) -> StreamFigures:
         return StreamFigures(
             budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
-            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.streamed), slots=len(self.slots))
+            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.streamed), slots=len(self.slots),
+            notes=self._pinning_notes())
+
+    def _pinning_notes(self) -> list[str]:
+        unpinned = [i for i in self.streamed if not self._is_pinned(i)]
+        if not unpinned:
+            return []
+        nbytes = sum(self.units[i].nbytes for i in unpinned)
+        note = (f"{len(unpinned)} streamed units ({nbytes / GIB:.2f} GiB) are not page-locked: the pinned-memory "
+                f"cap ({self.device.pinned_cap_bytes / GIB:.1f} GiB, STREAMLOADER_PINNED_CAP_GB) is reached, so "
+                "their copies are slower and do not overlap compute")
+        log.warning("StreamLoader: %s", note)
+        return [note]
+
+    def _is_pinned(self, i: int) -> bool:
+        base = self.host_bases[i]
+        return self.units[i].pinned_on is not None if base is self.units[i].slab else \
+            any(base is b for b in self.pinned_patched)
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         tensor = self.device.allocate(nbytes)
@@ -466,7 +488,8 @@ class _Placement:
             self.hooks.append(block.register_forward_hook(lambda m, a, o: self.exit_block(m), always_call=True))
         root = self.engine.blocks_root
         self.hooks.append(root.register_forward_pre_hook(lambda m, a: self.begin_step()))
-        self.hooks.append(root.register_forward_hook(lambda m, a, o: self.end_step(), always_call=True))
+        self.hooks.append(root.register_forward_hook(lambda m, a, o: self.end_step(completed=o is not None),
+                                                     always_call=True))
 
     def _pin(self, i: int) -> None:
         """Page-lock a streamed unit's host bytes (within the cap); the slab stays pinned across runs."""
@@ -513,12 +536,12 @@ class _Placement:
         for i in [i for i in self.entered if self.units[i].module is block]:
             self.exit(i)
 
-    def end_step(self) -> None:
+    def end_step(self, completed: bool = True) -> None:
         for i in list(self.entered):  # a forward that raised (an interrupt) skipped some exits
             self.exit(i)
         self.device.synchronize()  # no copy in flight past a step; makes the timings readable
         figures = self.engine.figures
-        if self.sequence:
+        if self.sequence and completed:  # an interrupted step saw only part of the order
             self.schedule.learn(self.sequence)
         figures.steps += 1
         figures.step_seconds += time.perf_counter() - self.step_start

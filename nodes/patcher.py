@@ -75,6 +75,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         super().load(_HOST, 0, force_patch_weights, True, **kwargs)
         engine = self.stream_engine
         device = device_for(torch.device(device_to))
+        device.pinned_elsewhere = lambda: getattr(comfy.model_management, "TOTAL_PINNED_MEMORY", 0)
         comfy_limit = lowvram_model_memory if 0 < lowvram_model_memory < _NO_LIMIT else None
         engine.attach(device, self._stream_budget(device, comfy_limit), _prefetch_depth(),
                       comfy.model_management.throw_exception_if_processing_interrupted)
@@ -179,17 +180,21 @@ def _prefetch_depth() -> int | None:
 
 
 def _retry_out_of_memory(executor, *args, **kwargs):
-    """An APPLY_MODEL wrapper: an out-of-memory error in a streamed step re-plans smaller and retries once."""
+    """An APPLY_MODEL wrapper: an out-of-memory error in a streamed step re-plans smaller and retries once.
+
+    The retry runs after the ``except`` block: inside it the traceback would keep the failed
+    attempt's activations alive, and the smaller placement would compete with them."""
     try:
         return executor(*args, **kwargs)
     except torch.OutOfMemoryError as error:
-        model = executor.class_obj
-        entries = [e for e in get_manager().entries() if e.engine is not None and e.engine.root is model]
-        if not entries or not entries[0].engine.retry_smaller(error):
-            raise
-        model.model_loaded_weight_memory = entries[0].engine.held_bytes
-        comfy.model_management.soft_empty_cache()
-        return executor(*args, **kwargs)
+        failure = torch.OutOfMemoryError(str(error))
+    model = executor.class_obj
+    engines = [e.engine for e in get_manager().entries() if e.engine is not None and e.engine.root is model]
+    comfy.model_management.soft_empty_cache()
+    if not engines or not engines[0].retry_smaller(failure):
+        raise failure from None
+    model.model_loaded_weight_memory = engines[0].held_bytes
+    return executor(*args, **kwargs)
 
 
 def adopt(patcher: comfy.model_patcher.ModelPatcher, entry: ModelEntry) -> StreamModelPatcher:

@@ -191,8 +191,18 @@ def test_pinned_memory_is_capped_and_counted(x):
     engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
     assert device.pinned_bytes == 3 * block_bytes(engine)
     assert sum(u.pinned_on is not None for u in engine.units) == 3
+    assert "5 streamed units" in engine.figures.notes[0] and "not page-locked" in engine.figures.notes[0]
     engine.close()
     assert device.pinned_bytes == 0 and device.held_bytes == 0
+
+
+def test_memory_pinned_by_comfyui_counts_against_the_cap(x):
+    model = make_model()
+    engine = StreamEngine(model, model)
+    device = SimulatedDevice(pinned_cap_bytes=3 * block_bytes(engine))
+    device.pinned_elsewhere = lambda: 3 * block_bytes(engine)
+    engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
+    assert device.pinned_bytes == 0
 
 
 def test_stored_dtype_streams_as_stored(x):
@@ -288,8 +298,10 @@ def test_blocks_over_twice_the_chunk_size_stream_in_chunks(x, reference):
     model = make_model()
     block = block_bytes(StreamEngine(model, model, chunk_bytes=0))
     assert len(StreamEngine(model, model, chunk_bytes=block // 2).units) == DEPTH, "not over twice: whole blocks"
-    split = StreamEngine(model, model, chunk_bytes=block // 3)
-    assert len(split.units) == 3 * DEPTH and max(split.unit_bytes) < block
+    norm_bytes = sum(p.nbytes for p in model.blocks[0].norm.parameters())
+    split = StreamEngine(model, model, chunk_bytes=64 * norm_bytes + 64)  # just over the norm's 64x, under half a block
+    assert len(split.units) == 2 * DEPTH and max(split.unit_bytes) < block, "two linears; the norm stays resident"
+    assert not any(s.module is model.blocks[0].norm for u in split.units for s in u.specs)
     plan = split.attach(SimulatedDevice(), split.fixed_bytes + 2 * max(split.unit_bytes))
     assert plan.minimum_bytes < split.fixed_bytes + block, "smaller units lower the minimum budget"
     with torch.inference_mode():
