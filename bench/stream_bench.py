@@ -210,7 +210,7 @@ class Bench:
             bound = max(resident["ms"], per_step / bw * 1e3) if bw else None
             rows.append({"fraction": fraction, "budget_bytes": budget, "ms": row["ms"], "peak_bytes": row["peak_bytes"],
                          "pack_peak_bytes": figures.peak_device_bytes, "streamed_bytes_per_step": int(per_step),
-                         "resident_blocks": figures.resident_blocks, "streamed_blocks": figures.streamed_blocks,
+                         "resident_units": figures.resident_units, "streamed_units": figures.streamed_units,
                          "copy_s_per_step": figures.copy_seconds / max(figures.steps, 1),
                          "stall_s_per_step": figures.stall_seconds / max(figures.steps, 1),
                          "bound_ms": bound, "x_bound": row["ms"] / bound if bound else None, "finite": row["finite"],

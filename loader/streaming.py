@@ -181,11 +181,12 @@ def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
 class StreamFigures:
     """What streaming cost in the last run (since the model was last asked to load)."""
 
+    device: str = ""  # the kind of device: "cuda" or "simulated"
     budget_bytes: int | None = None
     device_bytes: int = 0
     peak_device_bytes: int = 0
-    resident_blocks: int = 0
-    streamed_blocks: int = 0
+    resident_units: int = 0
+    streamed_units: int = 0
     slots: int = 0
     steps: int = 0
     streamed_bytes: int = 0
@@ -196,8 +197,9 @@ class StreamFigures:
 
     @property
     def overlap_efficiency(self) -> float | None:
-        """The physical bound max(compute, copies) over the measured step time (1.0 = at the bound)."""
-        if self.step_seconds <= 0:
+        """The physical bound max(compute, copies) over the measured step time (1.0 = at the bound).
+        None on the simulated device, whose copies run in line with compute: nothing overlaps."""
+        if self.step_seconds <= 0 or self.device == "simulated":
             return None
         bound = max(self.step_seconds - self.stall_seconds, self.copy_seconds)
         return min(bound / self.step_seconds, 1.0)
@@ -283,7 +285,7 @@ class StreamEngine:
             self.attach(placement.device, before - nbytes, placement.plan.prefetch_depth, placement.check_interrupt)
             fresh = self.figures
             self.figures = replace(figures, budget_bytes=fresh.budget_bytes, device_bytes=fresh.device_bytes,
-                                   resident_blocks=fresh.resident_blocks, streamed_blocks=fresh.streamed_blocks,
+                                   resident_units=fresh.resident_units, streamed_units=fresh.streamed_units,
                                    slots=fresh.slots, peak_device_bytes=max(figures.peak_device_bytes,
                                                                             fresh.peak_device_bytes))
             return before - self.held_bytes
@@ -430,8 +432,8 @@ class _Placement:
 
     def fresh_figures(self) -> StreamFigures:
         return StreamFigures(
-            budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
-            resident_blocks=len(self.plan.resident), streamed_blocks=len(self.streamed), slots=len(self.slots),
+            device=self.device.kind, budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
+            resident_units=len(self.plan.resident), streamed_units=len(self.streamed), slots=len(self.slots),
             notes=self._pinning_notes())
 
     def _pinning_notes(self) -> list[str]:

@@ -43,11 +43,10 @@ def stream_lines(model) -> list[str]:
     if engine is None or engine.attached is None or not engine.figures.steps:
         return []
     f = engine.figures
-    efficiency = f"{f.overlap_efficiency:.2f}" if f.overlap_efficiency is not None else "n/a"
+    efficiency = f"{f.overlap_efficiency:.2f}" if f.overlap_efficiency is not None else "n/a (no overlap on this device)"
     budget = "no cap" if f.budget_bytes is None else f"{f.budget_bytes / _MIB:.1f} MiB"
-    kind = engine.attached.device.kind
-    return [f"streamed ({kind} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
-            f"{f.resident_blocks} blocks resident, {f.streamed_blocks} streamed through {f.slots} slots",
+    return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
+            f"{f.resident_units} units resident, {f.streamed_units} streamed through a ring of {f.slots}",
             f"copies {f.copy_seconds:.3f} s, compute stalled {f.stall_seconds:.3f} s, "
             f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}",
             *f.notes]

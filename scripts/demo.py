@@ -1,10 +1,14 @@
-"""`make demo`: start ComfyUI with the pack, queue the example workflow twice, report both runs.
+"""`make demo`: start ComfyUI with the pack, queue the example workflow three times, report each run.
 
 Between the runs ComfyUI's own caches are emptied (`POST /free`, as when a user switches
-workflows) and the seed changes, so every node runs again: the loader is served by the
-ModelManager. Prints each run's bytes read from disk (from /streamloader/stats) and
-seconds, saves the image to out/demo.png and stops the server.
+workflows), so every node runs again: the loader is served by the ModelManager. The third
+run repeats the second with `stream_layers` on and a VRAM budget too small for the UNet: its
+blocks stream through a ring of slots (on the simulated device where there is no GPU), and
+its pixels must equal the second run's. Prints each run's bytes read from disk (from
+/streamloader/stats), seconds and, for the streamed run, the sampler node's figures; saves
+the image to out/demo.png and stops the server.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +18,10 @@ import time
 from comfy_server import REPO, ComfyServer
 
 WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
+# 0.07 GiB holds the tiny UNet's weights outside its blocks, a ring of two block slots and its
+# smallest block: the four others stream.
+STREAMED = {"stream_layers": True, "max_vram_gb": 0.07}
+RUNS = (("cold", 42, {}), ("warm", 43, {}), ("streamed", 43, STREAMED))
 
 
 def timed_run(server: ComfyServer, prompt: dict) -> tuple[dict, int, float]:
@@ -29,16 +37,29 @@ def main(comfy_path: str, models_dir: str) -> None:
         prompt = json.load(f)
     with ComfyServer(comfy_path, models_dir) as server:
         print(f"ComfyUI {server.url}, workflow {os.path.relpath(WORKFLOW, REPO)}")
-        for label, seed in (("cold", 42), ("warm", 43)):
+        pixels = {}
+        for label, seed, toggles in RUNS:
+            prompt["1"]["inputs"].update(toggles)
             prompt["5"]["inputs"]["seed"] = seed
             record, disk, seconds = timed_run(server, prompt)
-            print(f"{label} run: {disk / 2**20:8.1f} MiB read from disk, {seconds:6.2f} s")
+            print(f"{label + ' run:':14}{disk / 2**20:8.1f} MiB read from disk, {seconds:6.2f} s")
+            for line in record["outputs"]["5"]["text"][1:] if toggles else []:
+                print(f"    {line}")
+            pixels[label] = image_digest(server, record)
             server.post("/free", {"unload_models": True, "free_memory": True})
+        print(f"streamed pixels equal the warm run's: {pixels['streamed'] == pixels['warm']}")
         image = record["outputs"]["7"]["images"][0]
         os.makedirs(os.path.join(REPO, "out"), exist_ok=True)
         target = os.path.join(REPO, "out", "demo.png")
         shutil.copy(server.output_path(image), target)
         print(f"image: {os.path.relpath(target, REPO)}")
+
+
+def image_digest(server: ComfyServer, record: dict) -> str:
+    from PIL import Image
+
+    with Image.open(server.output_path(record["outputs"]["7"]["images"][0])) as png:
+        return hashlib.sha256(png.tobytes()).hexdigest()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_streamed_checkpoint_equals_core_within_the_budget(comfy, manager, refer
     assert torch.equal(out.args[0]["samples"], expected)
     assert torch.equal(sample(comfy, model, pos, neg, latent), expected), "core KSampler, streamed MODEL"
     figures = engine_of(manager).figures
-    assert figures.streamed_blocks > 0 and figures.streamed_bytes > 0 and figures.steps >= 3
+    assert figures.streamed_units > 0 and figures.streamed_bytes > 0 and figures.steps >= 3
     assert figures.peak_device_bytes <= figures.budget_bytes
     assert any(line.startswith("streamed (simulated device)") for line in out.ui["text"])
     stats = manager.stats()
@@ -67,7 +67,7 @@ def test_streamed_mmdit_equals_core(comfy, manager, share):
     pos, neg, latent = conditioning("sd3")
     assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
     figures = engine_of(manager).figures
-    assert figures.streamed_blocks > 0 and figures.peak_device_bytes <= gb * GIB
+    assert figures.streamed_units > 0 and figures.peak_device_bytes <= gb * GIB
 
 
 def test_mmdit_streamed_in_sub_block_chunks_equals_core(comfy, manager, monkeypatch):
@@ -106,7 +106,7 @@ def test_lora_on_a_streamed_model_equals_core_and_is_patched_once(comfy, manager
     assert torch.equal(sample(comfy, ours, pos, neg, latent), expected)
     unet_patches = [k for k in ours.patches if k.startswith("diffusion_model.")]
     assert unet_patches and sorted(calls) == sorted(ours.patches), "each patched weight computed once, not per step"
-    assert engine_of(manager).figures.streamed_blocks > 0
+    assert engine_of(manager).figures.streamed_units > 0
 
 
 def test_budget_below_the_minimum_fails_before_sampling(comfy, manager, reference):

@@ -36,7 +36,7 @@ def test_streamed_runs_equal_resident_within_the_budget(server, reference):
     record = rerun(server, streamed())
     assert image_digest(server, record) == reference
     figures = stream_stats(server)
-    assert figures["streamed_blocks"] >= 3 and figures["streamed_blocks"] + figures["resident_blocks"] == 5
+    assert figures["streamed_units"] >= 3 and figures["streamed_units"] + figures["resident_units"] == 5
     assert figures["streamed_bytes"] > 0 and figures["steps"] >= 4
     assert figures["peak_device_bytes"] <= figures["budget_bytes"] == round(BUDGET_GB * GIB)
     assert any(line.startswith("streamed (simulated device)") for line in ui_text(record, SAMPLER_NODE))

@@ -73,7 +73,7 @@ def streamed(budget_fraction, x, steps=3, depth=None, dtype=torch.float32):
 def test_streamed_output_is_bit_identical_to_resident(fraction, x, reference):
     model, engine, device, plan, outs = streamed(fraction, x)
     assert all(torch.equal(out, reference) for out in outs)
-    assert engine.figures.streamed_blocks == DEPTH - len(plan.resident) > 0
+    assert engine.figures.streamed_units == DEPTH - len(plan.resident) > 0
     assert engine.figures.steps == 3
     per_step = sum(engine.unit_bytes[i] for i in range(DEPTH) if i not in plan.resident)
     # The last block of a step prefetches the first streamed blocks of the next one.
@@ -104,7 +104,7 @@ def test_detach_restores_host_weights_and_frees_the_device(x, reference):
     assert all(p.data_ptr() != 0 for p in model.parameters())
 
 
-def test_resident_blocks_are_spread_over_the_stack():
+def test_resident_units_are_spread_over_the_stack():
     plan = plan_residency([100] * 8, fixed_bytes=10, budget_bytes=10 + 400 + 200)
     assert plan.resident == {0, 2, 4, 6}
     quarter = plan_residency([100] * 8, fixed_bytes=10, budget_bytes=10 + 200 + 200)
