@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -203,7 +204,7 @@ class Bench:
         rows = []
         for fraction in fractions:
             budget = self.budget(fraction, slots)
-            row = self.measure(lambda: engine.attach(self.stream_device, budget, opts.depth), lambda: None)
+            row = self.measure(partial(engine.attach, self.stream_device, budget, opts.depth), lambda: None)
             figures = engine.figures
             per_step = figures.streamed_bytes / max(figures.steps, 1)
             engine.detach()
@@ -232,8 +233,8 @@ class Bench:
         for budget in budgets:
             patcher = self.comfy.model_patcher.ModelPatcher(self.model, load_device=self.device,
                                                             offload_device=torch.device("cpu"))
-            row = self.measure(lambda: patcher.load(self.device, lowvram_model_memory=budget),
-                               lambda: self._comfy_release(patcher))
+            row = self.measure(partial(patcher.load, self.device, lowvram_model_memory=budget),
+                               partial(self._comfy_release, patcher))
             out.append({"budget_bytes": budget, "ms": row["ms"], "peak_bytes": row["peak_bytes"],
                         "finite": row["finite"], "max_abs_diff": (row["output"] - reference).abs().max().item()})
             print(json.dumps({"comfy_lowvram": out[-1]}), flush=True)

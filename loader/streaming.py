@@ -1,12 +1,13 @@
 """The streaming engine: a diffusion model's blocks stream through a ring of device slots.
 
-At build time each block's parameters are packed into one contiguous host slab (the
-params store then reads the file straight into it). At attach, under a VRAM budget, the
-planner keeps the weights outside the blocks and a spread-out share of the blocks
-resident; the other blocks are copied into a ring of pre-allocated device slots, one copy
-per block on a side stream, prefetched while earlier blocks compute. Parameters are
-re-pointed (``param.data``) at the slot while their block runs and back at the host slab
-afterwards, so outside a forward the model always reads its own host weights.
+At build time each block's parameters (or each chunk's, for large blocks) are packed into
+one contiguous host slab; the params store then reads the file straight into it. At
+attach, under a VRAM budget, the planner keeps the weights outside the blocks and a
+spread-out share of the units resident; the other units are copied into a ring of
+pre-allocated device slots, one copy per unit on a side stream, prefetched while earlier
+units compute. Parameters are re-pointed (``param.data``) at the slot while their unit
+runs and back at the host slab afterwards, so outside a forward the model always reads
+its own host weights.
 
 Copies are byte copies of the stored dtype: streamed output is bit-identical to resident
 output, and dtype casts (fp8 → bf16 ...) happen on the device, in the model's own ops.
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_ENV = "STREAMLOADER_CHUNK_MB"
 DEFAULT_CHUNK_BYTES = 64 * 1024**2
-_ALIGN = 4096  # slab offsets on page boundaries: any dtype aligns, and per-tensor pinning (ComfyUI's lowvram path) never shares a page
+# Slab offsets on page boundaries: any dtype aligns, and per-tensor pinning (ComfyUI's
+# lowvram path, when streaming is off) never finds a page shared with another tensor.
+_ALIGN = 4096
 
 
 def _aligned(n: int) -> int:
