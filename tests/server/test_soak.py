@@ -31,7 +31,8 @@ def settings(i: int) -> tuple[bool, bool, bool, int]:
 
 
 def soak_prompt(split: bool, lora: bool, stream: bool, seed: int) -> dict:
-    prompt = sd15_prompt(stream_layers=stream)
+    # 0.07 GiB: the UNet's blocks stream through a ring of two slots (see test_streaming_server.py)
+    prompt = sd15_prompt(stream_layers=stream, max_vram_gb=0.07 if stream else 0.0)
     prompt["4"]["inputs"].update(width=32, height=32)
     prompt[SAMPLER_NODE]["inputs"].update(steps=2, seed=seed)
     if split:
@@ -42,7 +43,7 @@ def soak_prompt(split: bool, lora: bool, stream: bool, seed: int) -> dict:
 def test_soak_alternating_models_lora_and_stream_layers(server):
     reset(server)
     digests: dict[tuple, set[str]] = {}
-    reads, rss, held = [], [], []
+    reads, rss, held, streamed = [], [], [], []
     for i in range(RUNS):
         if i % 5 == 4:
             free(server)  # now and then ComfyUI unloads everything and empties its caches
@@ -54,11 +55,22 @@ def test_soak_alternating_models_lora_and_stream_layers(server):
         reads.append(read)
         rss.append(rss_bytes(server.process.pid))
         held.append(stats(server)["held_host_bytes"])
+        if settings(i)[2]:
+            streamed.append(streamed_units(server, settings(i)[0]) > 0)
 
     assert reads[0] > 0 and reads[1] > 0, "the first run of each model reads it"
     assert reads[2:] == [0] * (RUNS - 2), f"disk bytes read per run after both models were loaded: {reads}"
     assert all(len(d) == 1 for d in digests.values()), f"equal settings gave different pixels: {digests}"
     assert digests[(False, True, False, 42)] != digests[(False, False, False, 42)], "the LoRA changed nothing"
+    assert digests[(False, True, True, 42)] == digests[(False, True, False, 42)], "streaming changed the pixels"
+    assert streamed and all(streamed), "every stream_layers run streamed blocks"
     early = slice(5, 16)  # runs 5-15: every setting has run, the second seed has begun
     assert max(held[-10:]) <= max(held[early]), f"held_host_bytes grew: {held}"
     assert max(rss[-10:]) <= max(rss[early]) + RSS_SLACK, f"RSS grew (MiB): {[r >> 20 for r in rss]}"
+
+
+def streamed_units(server, split: bool) -> int:
+    """Units the run's diffusion model streamed (its figures are those of its last run)."""
+    name = "tiny_sd15_unet.safetensors" if split else "tiny_sd15.safetensors"
+    (model,) = [m for m in stats(server)["models"] if m["path"].endswith(name)]
+    return model["stream"]["streamed_units"]
