@@ -420,6 +420,7 @@ class _Placement:
         self.sequence: list[int] = []
         self.copy_events, self.stall_tokens = [], []
         self.pinned_patched: list[torch.Tensor] = []
+        self.root_wrapped = False
         self.step_start = time.perf_counter()
         try:
             self._place_fixed(fixed_bytes)
@@ -491,10 +492,35 @@ class _Placement:
             blocks[id(self.units[i].module)] = self.units[i].module
         for block in blocks.values():
             self.hooks.append(block.register_forward_hook(lambda m, a, o: self.exit_block(m), always_call=True))
+        self._wrap_root_forward()
+
+    def _wrap_root_forward(self) -> None:
+        """Each forward of the diffusion model is a step, ended in a ``finally``: a forward hook
+        would miss interrupts, which newer ComfyUI raises as a BaseException (torch runs
+        ``always_call`` hooks for Exceptions only)."""
         root = self.engine.blocks_root
-        self.hooks.append(root.register_forward_pre_hook(lambda m, a: self.begin_step()))
-        self.hooks.append(root.register_forward_hook(lambda m, a, o: self.end_step(completed=o is not None),
-                                                     always_call=True))
+        self.root_forward = root.__dict__.get("forward")  # an instance override to restore, if any
+        self.root_wrapped = True
+        original = root.forward
+
+        def forward(*args, **kwargs):
+            self.begin_step()
+            completed = False
+            try:
+                out = original(*args, **kwargs)
+                completed = True
+                return out
+            finally:
+                self.end_step(completed)
+
+        root.forward = forward
+
+    def _unwrap_root_forward(self) -> None:
+        root = self.engine.blocks_root
+        if self.root_forward is not None:
+            root.forward = self.root_forward
+        else:
+            root.__dict__.pop("forward", None)
 
     def _pin(self, i: int) -> None:
         """Page-lock a streamed unit's host bytes (within the cap); the slab stays pinned across runs."""
@@ -603,6 +629,9 @@ class _Placement:
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
+        if self.root_wrapped:
+            self._unwrap_root_forward()
+            self.root_wrapped = False
         self.hooks = []
         for i in list(self.entered):
             self.exit(i)
