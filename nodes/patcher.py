@@ -12,6 +12,7 @@ import os
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.utils
 import torch
 from comfy.patcher_extension import WrappersMP
 
@@ -23,6 +24,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         super().__init__(model, load_device, offload_device, size, weight_inplace_update=weight_inplace_update)
         self.stream_entry: ModelEntry | None = None
         self.stream_options = LoadOptions()
+        self._patching_for_host = False
 
     def clone(self, *args, **kwargs):
         # ModelPatcher.clone() builds self.__class__; carry our fields over (upstream adds kwargs).
@@ -71,8 +73,12 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         return result
 
     def _load_streamed(self, device_to, lowvram_model_memory, force_patch_weights, **kwargs):
-        """Patch the weights (LoRA) once, on the host, then let the engine place and stream them."""
-        super().load(_HOST, 0, force_patch_weights, True, **kwargs)
+        """Patch the weights (LoRA) once, into host memory, then let the engine place and stream them."""
+        self._patching_for_host = True
+        try:
+            super().load(_HOST, 0, force_patch_weights, True, **kwargs)
+        finally:
+            self._patching_for_host = False
         engine = self.stream_engine
         device = device_for(torch.device(device_to))
         device.pinned_elsewhere = lambda: getattr(comfy.model_management, "TOTAL_PINNED_MEMORY", 0)
@@ -82,6 +88,17 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         self.stream_entry.budget_bytes = engine.figures.budget_bytes
         self.model.device = device_to
         self.model.model_loaded_weight_memory = engine.held_bytes
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        """For a streamed model, patched weights stay on the host, but each is computed on the GPU,
+        one at a time (as core does when it loads a model whole), and then copied back: patching
+        12B parameters in fp32 on the CPU takes minutes."""
+        if not self._patching_for_host:
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        super().patch_weight_to_device(key, self.load_device, inplace_update)
+        weight, set_func, _ = comfy.model_patcher.get_key_weight(self.model, key)
+        if set_func is None and weight.device != _HOST:
+            comfy.utils.set_attr_param(self.model, key, weight.to(_HOST))
 
     def _stream_budget(self, device: Device, comfy_limit: float | None) -> int | None:
         """The user's budget re-clamped to what is free now (the engine's own bytes count as free),
