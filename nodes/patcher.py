@@ -90,9 +90,9 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         self.model.model_loaded_weight_memory = engine.held_bytes
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        """For a streamed model, patched weights stay on the host, but each is computed on the GPU,
-        one at a time (as core does when it loads a model whole), and then copied back: patching
-        12B parameters in fp32 on the CPU takes minutes."""
+        """For a streamed model, patched weights stay on the host, but each is computed on the
+        load device, one at a time (as core does when it loads a model whole), and copied back:
+        the fp32 arithmetic over every patched weight would otherwise run on the CPU."""
         if not self._patching_for_host:
             return super().patch_weight_to_device(key, device_to, inplace_update)
         super().patch_weight_to_device(key, self.load_device, inplace_update)
