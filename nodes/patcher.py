@@ -2,9 +2,11 @@
 
 ComfyUI's model management asks every MODEL/CLIP/VAE patcher to load (``partially_load``
 → ``load``) and to shrink (``partially_unload``/``detach``). Our subclass keeps that
-contract, so core nodes and model management work unchanged, and adds two things: the
-ModelManager's lazily-bound weights are read before the first load, and the loader's VRAM
-budget caps how much of the model ComfyUI places on the device.
+contract, so core nodes and model management work unchanged, and adds: the ModelManager's
+lazily-bound weights are read before the first load; without ``stream_layers`` the loader's
+VRAM budget caps how much of the model ComfyUI places on the device; with it, the streaming
+engine places the diffusion model instead (ComfyUI still patches the weights), reports its
+device bytes as the loaded size, shrinks on ``partially_unload`` and lets go on unpatch.
 """
 from __future__ import annotations
 
