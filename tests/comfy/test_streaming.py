@@ -119,6 +119,26 @@ def test_budget_below_the_minimum_fails_before_sampling(comfy, manager, referenc
     assert engine_of(manager).attached is None
 
 
+def test_the_budget_is_reclamped_to_free_device_memory_at_every_run(comfy, manager, reference):
+    """The budget is min(max_vram_gb, free + what the model holds), measured at each run."""
+    from comfyui_streamloader.loader import device_for
+
+    pos, neg, latent, expected = reference
+    model = streamed_checkpoint(manager, 0.8)[0]
+    engine, device = engine_of(manager), device_for(torch.device("cpu"))
+    cap = round(budget_gb(engine, 0.8) * GIB)
+    device.capacity_bytes = device.held_bytes + round(budget_gb(engine, 0.5) * GIB)  # less free than the cap
+    try:
+        assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+        squeezed = engine.figures.budget_bytes
+        assert squeezed < cap and engine.held_bytes <= squeezed
+        device.capacity_bytes = None  # memory freed elsewhere: the next run may use the whole cap
+        assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+        assert engine.figures.budget_bytes == cap and engine.held_bytes > squeezed
+    finally:
+        device.capacity_bytes = None
+
+
 def test_toggling_stream_layers_on_a_held_model(comfy, manager, reference):
     pos, neg, latent, expected = reference
     streamed = streamed_checkpoint(manager, 0.6)[0]
