@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .options import GIB
+from .options import GIB, bytes_from_env
 
 log = logging.getLogger(__name__)
 
@@ -241,17 +241,8 @@ def _clear_cuda_error() -> None:
 
 
 def _default_pinned_cap() -> int:
-    configured = os.environ.get(PINNED_CAP_ENV)
-    if configured:
-        return _gib_from_env(PINNED_CAP_ENV, configured)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_PINNED_SHARE)
-
-
-def _gib_from_env(name: str, value: str) -> int:
-    try:
-        return int(float(value) * GIB)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of GiB, not {value!r}") from None
+    share = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_PINNED_SHARE)
+    return bytes_from_env(PINNED_CAP_ENV, GIB, share)
 
 
 _devices: dict[str, Device] = {}
@@ -268,8 +259,8 @@ def device_for(torch_device: torch.device) -> Device:
             if torch_device.type == "cuda":
                 _devices[key] = CudaDevice(torch_device)
             else:
-                capacity = os.environ.get(SIMULATED_CAPACITY_ENV)
-                _devices[key] = SimulatedDevice(_gib_from_env(SIMULATED_CAPACITY_ENV, capacity) if capacity else None)
+                capacity = bytes_from_env(SIMULATED_CAPACITY_ENV, GIB, -1)
+                _devices[key] = SimulatedDevice(capacity if capacity >= 0 else None)
         return _devices[key]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .device import copied_bytes as device_copied_bytes
 from .device import pinned_report
-from .options import GIB, LoadOptions
+from .options import GIB, LoadOptions, bytes_from_env
 from .params import ParamStore
 from .safetensors_file import FileIdentity, ModelFileError, ReadCounter, SafetensorsFile
 
@@ -232,13 +232,8 @@ def _mem_available() -> int | None:
 
 
 def _default_ram_budget() -> int:
-    configured = os.environ.get("STREAMLOADER_RAM_BUDGET_GB")
-    if configured:
-        try:
-            return int(float(configured) * GIB)
-        except ValueError:
-            raise ValueError(f"STREAMLOADER_RAM_BUDGET_GB must be a number of GiB, not {configured!r}") from None
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_RAM_SHARE)
+    share = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_RAM_SHARE)
+    return bytes_from_env("STREAMLOADER_RAM_BUDGET_GB", GIB, share)
 
 
 _manager: ModelManager | None = None

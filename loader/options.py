@@ -6,9 +6,11 @@ Only ``weight_dtype`` changes the bytes a model holds, so only it enters the cac
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 GIB = 1024**3
+MIB = 1024**2
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
@@ -53,3 +55,14 @@ class LoadOptions:
             notes.append("`max_vram_gb` has no effect: there is no GPU (with `stream_layers` on it caps the "
                          "simulated device).")
         return notes
+
+
+def bytes_from_env(name: str, unit: int, default: int) -> int:
+    """A size the user set in the environment, in units of ``unit`` bytes (GIB, MIB); ``default`` if unset."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(float(value) * unit)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of {'GiB' if unit == GIB else 'MiB'}, not {value!r}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +26,13 @@ from torch import nn
 
 from .blocks import discover_blocks
 from .device import Device
-from .options import GIB
+from .options import GIB, MIB, bytes_from_env
 from .planner import Plan, plan_residency
 
 log = logging.getLogger(__name__)
 
 CHUNK_ENV = "STREAMLOADER_CHUNK_MB"
-DEFAULT_CHUNK_BYTES = 64 * 1024**2
+DEFAULT_CHUNK_BYTES = 64 * MIB
 # Slab offsets on page boundaries: any dtype aligns, and per-tensor pinning (ComfyUI's
 # lowvram path, when streaming is off) never finds a page shared with another tensor.
 _ALIGN = 4096
@@ -149,13 +148,7 @@ class Unit:
 
 
 def default_chunk_bytes() -> int:
-    value = os.environ.get(CHUNK_ENV)
-    if not value:
-        return DEFAULT_CHUNK_BYTES
-    try:
-        return int(float(value) * 1024**2)
-    except ValueError:
-        raise ValueError(f"{CHUNK_ENV} must be a number of MiB (0 = whole blocks), not {value!r}") from None
+    return bytes_from_env(CHUNK_ENV, MIB, DEFAULT_CHUNK_BYTES)
 
 
 def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
@@ -436,9 +429,9 @@ class _Placement:
 
     def fresh_figures(self) -> StreamFigures:
         return StreamFigures(
-            device=self.device.kind, budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes, peak_device_bytes=self.held_bytes,
-            resident_units=len(self.plan.resident), streamed_units=len(self.streamed), slots=len(self.slots),
-            notes=self._pinning_notes())
+            device=self.device.kind, budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes,
+            peak_device_bytes=self.held_bytes, resident_units=len(self.plan.resident),
+            streamed_units=len(self.streamed), slots=len(self.slots), notes=self._pinning_notes())
 
     def _pinning_notes(self) -> list[str]:
         unpinned = [i for i in self.streamed if not self._is_pinned(i)]

@@ -5,6 +5,7 @@ user/ ...), the models folder as extra model paths, and a free loopback port.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -137,6 +138,14 @@ class ComfyServer:
 
     def output_path(self, image: dict) -> str:
         return os.path.join(self.base_dir, "output", image.get("subfolder", ""), image["filename"])
+
+    def pixel_digest(self, record: dict, node: str) -> str:
+        """Digest of the pixels of the first image a node saved (the PNG's metadata holds the
+        prompt, which differs between runs)."""
+        from PIL import Image
+
+        with Image.open(self.output_path(record["outputs"][node]["images"][0])) as png:
+            return hashlib.sha256(png.tobytes()).hexdigest()
 
 
 def executed_nodes(record: dict) -> set[str]:

@@ -8,7 +8,6 @@ its pixels must equal the second run's. Prints each run's bytes read from disk (
 /streamloader/stats), seconds and, for the streamed run, the sampler node's figures; saves
 the image to out/demo.png and stops the server.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ def main(comfy_path: str, models_dir: str) -> None:
             print(f"{label + ' run:':14}{disk / 2**20:8.1f} MiB read from disk, {seconds:6.2f} s")
             for line in record["outputs"]["5"]["text"][1:] if toggles else []:
                 print(f"    {line}")
-            pixels[label] = image_digest(server, record)
+            pixels[label] = server.pixel_digest(record, "7")
             server.post("/free", {"unload_models": True, "free_memory": True})
         print(f"streamed pixels equal the warm run's: {pixels['streamed'] == pixels['warm']}")
         image = record["outputs"]["7"]["images"][0]
@@ -53,13 +52,6 @@ def main(comfy_path: str, models_dir: str) -> None:
         target = os.path.join(REPO, "out", "demo.png")
         shutil.copy(server.output_path(image), target)
         print(f"image: {os.path.relpath(target, REPO)}")
-
-
-def image_digest(server: ComfyServer, record: dict) -> str:
-    from PIL import Image
-
-    with Image.open(server.output_path(record["outputs"]["7"]["images"][0])) as png:
-        return hashlib.sha256(png.tobytes()).hexdigest()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -11,7 +10,6 @@ from collections.abc import Callable
 
 import torch
 from comfy_server import MODEL_FOLDERS, REPO, ComfyServer, execution_error
-from PIL import Image
 
 WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
 SAVE_NODE = "7"
@@ -82,10 +80,7 @@ def disk_read(server: ComfyServer, prompt: dict) -> tuple[int, dict]:
 
 
 def image_digest(server: ComfyServer, record: dict, node: str = SAVE_NODE) -> str:
-    """Digest of the pixels (the PNG's metadata holds the prompt, which differs)."""
-    image = record["outputs"][node]["images"][0]
-    with Image.open(server.output_path(image)) as png:
-        return hashlib.sha256(png.tobytes()).hexdigest()
+    return server.pixel_digest(record, node)
 
 
 def run_digest(server: ComfyServer, prompt: dict) -> str:
