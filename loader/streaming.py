@@ -28,6 +28,7 @@ from .blocks import discover_blocks
 from .device import Device
 from .options import GIB, MIB, bytes_from_env
 from .planner import Plan, plan_residency
+from .threads import owned_by_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class StreamFigures:
         return {**out, "overlap_efficiency": self.overlap_efficiency, "notes": list(self.notes)}
 
 
+@owned_by_one_thread
 class StreamEngine:
     """Blocks of one diffusion model, packed for streaming; attach places them under a budget."""
 
@@ -393,6 +395,7 @@ class _Schedule:
         return out
 
 
+@owned_by_one_thread
 class _Placement:
     """One attach: device allocations, the ring, the hooks and their bookkeeping."""
 

@@ -6,6 +6,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+# The thread contract's check (loader/threads.py): on for in-process tests and the servers they start.
+os.environ["STREAMLOADER_CHECK_THREADS"] = "1"
 
 
 def _required_env(name: str) -> str:
