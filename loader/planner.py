@@ -8,9 +8,11 @@ compute left to hide behind (measured on an H200: 17-24% over the bound with a p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .options import GIB
+from .profile import Profile
+from .simulator import RingDeadlock, simulate
 
 DEFAULT_PREFETCH_DEPTH = 1
 
@@ -31,9 +33,15 @@ class Plan:
     budget_bytes: int | None
     fixed_bytes: int  # weights outside the blocks: always resident
     resident: frozenset[int]  # indices of the blocks that stay on the device
-    slot_bytes: int  # size of one ring slot (the largest streamed block)
-    slots: int  # ring slots: one computing, the rest prefetching
+    slot_bytes: int  # the largest streamed unit
+    ring_bytes: int  # the staging ring streamed units are copied into (0: nothing streams)
     minimum_bytes: int
+    predicted_seconds: float | None = None  # the simulated step time, when planned from a profile
+
+    @property
+    def slots(self) -> int:
+        """Largest streamed units the ring holds at once."""
+        return self.ring_bytes // self.slot_bytes if self.slot_bytes else 0
 
     @property
     def prefetch_depth(self) -> int:
@@ -41,7 +49,7 @@ class Plan:
 
     def device_bytes(self, unit_bytes: list[int]) -> int:
         """Device bytes the plan holds: fixed weights, resident blocks and the ring."""
-        return self.fixed_bytes + sum(unit_bytes[i] for i in self.resident) + self.slots * self.slot_bytes
+        return self.fixed_bytes + sum(unit_bytes[i] for i in self.resident) + self.ring_bytes
 
 
 def plan_residency(unit_bytes: list[int], fixed_bytes: int, budget_bytes: int | None,
@@ -66,7 +74,7 @@ def plan_residency(unit_bytes: list[int], fixed_bytes: int, budget_bytes: int | 
     if slot_bytes < largest:
         resident = _fill(unit_bytes, resident, budget_bytes - fixed_bytes - slots * slot_bytes)
         slot_bytes = max((b for i, b in enumerate(unit_bytes) if i not in resident), default=0)
-    return Plan(budget_bytes, fixed_bytes, resident, slot_bytes, slots if slot_bytes else 0, minimum)
+    return Plan(budget_bytes, fixed_bytes, resident, slot_bytes, slots * slot_bytes, minimum)
 
 
 def _spread(unit_bytes: list[int], room: int) -> frozenset[int]:
@@ -89,3 +97,96 @@ def _fill(unit_bytes: list[int], chosen: frozenset[int], room: int) -> frozenset
             out.add(i)
             taken += size
     return frozenset(out)
+
+
+RING_SIZES = tuple(q / 4 for q in range(4, 33))  # rings tried, in largest streamed units: 1, 1.25 ... 8
+SIMULATED_STEPS = 2  # the second step is the steady state: it starts with the first step's prefetch
+
+
+def plan_for_profile(profile: Profile, budget_bytes: int | None) -> Plan:
+    """The resident units and ring bytes under ``budget_bytes`` that minimise the simulated step
+    time of ``profile`` (the plan once a step has been measured).
+
+    Candidates keep resident, within the room the ring leaves, the units cheapest to compute per
+    byte (a copy-bound step hides copies behind the streamed units' compute), the same with the
+    largest units first (smaller streamed units need a smaller ring), the dearest (a compute-bound
+    step hides copies behind resident compute), or the spread of the plan before a profile; each
+    with the rings of ``RING_SIZES``. A candidate whose bound is no better than the best
+    prediction so far is not simulated.
+
+    Raises:
+        BudgetTooSmallError: the budget cannot hold the fixed weights and one unit.
+    """
+    sizes = list(profile.unit_bytes)
+    base = plan_residency(sizes, profile.fixed_bytes, budget_bytes, 0)
+    if not base.ring_bytes:
+        return replace(base, predicted_seconds=profile.compute_seconds)
+    best = None
+    for choose in _choosers(profile):
+        for units in RING_SIZES:
+            plan = _candidate(profile, budget_bytes, choose, units, best)
+            if plan is not None:
+                best = plan
+    return best or base
+
+
+def _choosers(profile: Profile) -> list:
+    """Ways to pick resident units for a room of bytes, most promising first."""
+    sizes, cost = list(profile.unit_bytes), profile.unit_seconds()
+    cheap = sorted(range(len(sizes)), key=lambda i: (cost[i] / sizes[i], i))
+    return [lambda room: _paced(profile, cheap, room), lambda room: _fill_ranked(sizes, cheap, room),
+            lambda room: _fill_ranked(sizes, cheap[::-1], room), lambda room: _spread(sizes, room)]
+
+
+def _paced(profile: Profile, ranking: list[int], room: int) -> frozenset[int]:
+    """Stream units in call order while their copies keep pace with the compute before them
+    (copy seconds over compute seconds as in the whole step), keep the others resident, then
+    fill what room is left in ``ranking`` order: no stretch of the step is copy-heavy while
+    another is compute-heavy, so a small ring keeps both streams busy."""
+    sizes, cost = profile.unit_bytes, profile.unit_seconds()
+    ratio = max(sum(sizes) - room, 0) / profile.bandwidth / profile.compute_seconds
+    resident, taken, copied, computed = set(), 0, 0.0, profile.lead_seconds
+    for i in dict.fromkeys(profile.order):
+        copy = sizes[i] / profile.bandwidth
+        if copied + copy > ratio * computed and taken + sizes[i] <= room:
+            resident.add(i)
+            taken += sizes[i]
+        else:
+            copied += copy
+        computed += cost[i]
+    return _fill_ranked(list(sizes), [i for i in ranking if i not in resident], room - taken) | resident
+
+
+def _candidate(profile: Profile, budget_bytes: int, choose, ring_units: float, best: Plan | None) -> Plan | None:
+    """The plan ``choose`` makes with a ring of ``ring_units`` largest streamed units, if it
+    predicts a shorter step than ``best``."""
+    sizes, fixed = list(profile.unit_bytes), profile.fixed_bytes
+    slot = max(sizes)
+    resident = frozenset()
+    for _ in range(2):  # a smaller largest streamed unit leaves room for more resident units
+        room = budget_bytes - fixed - int(ring_units * slot)
+        if room < 0:
+            return None
+        resident = choose(room)
+        slot = max((b for i, b in enumerate(sizes) if i not in resident), default=0)
+    streamed = sum(sizes) - sum(sizes[i] for i in resident)
+    bound = max(profile.compute_seconds, streamed / profile.bandwidth)
+    if not slot or (best is not None and bound >= best.predicted_seconds):
+        return None
+    ring = int(ring_units * slot)
+    try:
+        seconds = simulate(profile, resident, ring, SIMULATED_STEPS).step_seconds
+    except RingDeadlock:
+        return None
+    if best is not None and seconds >= best.predicted_seconds:
+        return None
+    return Plan(budget_bytes, fixed, resident, slot, ring, fixed + max(sizes), seconds)
+
+
+def _fill_ranked(unit_bytes: list[int], ranking: list[int], room: int) -> frozenset[int]:
+    chosen, taken = set(), 0
+    for i in ranking:
+        if taken + unit_bytes[i] <= room:
+            chosen.add(i)
+            taken += unit_bytes[i]
+    return frozenset(chosen)

@@ -11,6 +11,7 @@ from ..loader.options import WEIGHT_DTYPES
 from ..loader.safetensors_file import FileIdentity
 from . import bridge
 from .inputs import eager_input, offload_input, to_options, toggle_inputs
+from .sampling import figures_ui
 
 _MIB = 1024**2
 
@@ -50,8 +51,8 @@ def _file_fingerprint(folder: str, name: str):
 def _notes_ui(options: LoadOptions, entry, load_notes: list[str]) -> dict:
     has_gpu = not comfy.model_management.is_device_cpu(comfy.model_management.get_torch_device())
     held = entry.store.loaded_host_bytes / GIB
-    lines = [f"held: {held:.2f} GiB in RAM" + (" (reads on first use)" if not entry.store.is_loaded else "")]
-    return {"text": lines + load_notes + options.notes(has_gpu)}
+    line = f"held: {held:.2f} GiB in RAM" + (" (reads on first use)" if not entry.store.is_loaded else "")
+    return figures_ui([line], load_notes + options.notes(has_gpu))
 
 
 class StreamLoaderCheckpoint(io.ComfyNode):

@@ -40,7 +40,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         if not options.offload_to_cpu:
             n.offload_device = n.load_device
         if n.stream_engine is not None:
-            n.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "streamloader_oom_retry", _retry_out_of_memory)
+            n.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "streamloader_step", _step_of(n.stream_engine))
         return n
 
     @property
@@ -198,8 +198,22 @@ def _prefetch_depth() -> int | None:
     return int(value)
 
 
-def _retry_out_of_memory(executor, *args, **kwargs):
-    """An APPLY_MODEL wrapper: an out-of-memory error in a streamed step re-plans smaller and retries once.
+def _step_of(engine: StreamEngine):
+    """The APPLY_MODEL wrapper of a streamed model, bound to its own engine (a closure: clones and
+    deep copies of the model options share it): retries an out-of-memory step once, and publishes
+    the stats snapshot when the step ends (the thread contract in loader/manager.py)."""
+
+    def streamed_step(executor, *args, **kwargs):
+        try:
+            return _retry_out_of_memory(engine, executor, *args, **kwargs)
+        finally:
+            get_manager().publish()
+
+    return streamed_step
+
+
+def _retry_out_of_memory(engine: StreamEngine, executor, *args, **kwargs):
+    """An out-of-memory error in a streamed step re-plans smaller and retries once.
 
     The retry runs after the ``except`` block: inside it the traceback would keep the failed
     attempt's activations alive, and the smaller placement would compete with them."""
@@ -207,12 +221,10 @@ def _retry_out_of_memory(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     except torch.OutOfMemoryError as error:
         failure = torch.OutOfMemoryError(str(error))
-    model = executor.class_obj
-    engines = [e.engine for e in get_manager().entries() if e.engine is not None and e.engine.root is model]
     comfy.model_management.soft_empty_cache()
-    if not engines or not engines[0].retry_smaller(failure):
+    if not engine.retry_smaller(failure):
         raise failure from None
-    model.model_loaded_weight_memory = engines[0].held_bytes
+    executor.class_obj.model_loaded_weight_memory = engine.held_bytes
     return executor(*args, **kwargs)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Callable
 
 import torch
@@ -56,10 +57,28 @@ def with_lora(prompt: dict, strength: float = 0.7, lora_name: str = "tiny_sd15_l
     return out
 
 
+def release(server: ComfyServer, timeout: float = 60.0) -> dict:
+    """POST /streamloader/release and wait until the prompt worker applied it (between prompts);
+    returns the route's answer (what it will release)."""
+    answer = server.post("/streamloader/release", {})
+    deadline = time.monotonic() + timeout
+    while applied_release(server, answer["id"]) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"release {answer['id']} was not applied within {timeout:.0f} s")
+        time.sleep(0.02)
+    return answer
+
+
+def applied_release(server: ComfyServer, release_id: int) -> dict | None:
+    """The worker's record of an applied release (requested_at, applied_at, released), or None."""
+    applied = stats(server)["releases"]["applied"]
+    return next((r for r in applied if r["id"] == release_id), None)
+
+
 def reset(server: ComfyServer) -> None:
     """Nothing held by ComfyUI or the pack afterwards."""
     free(server)
-    server.post("/streamloader/release", {})
+    release(server)
 
 
 def rerun(server: ComfyServer, prompt: dict) -> dict:

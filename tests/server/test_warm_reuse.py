@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 from comfy_server import executed_nodes
-from server_helpers import disk_read, image_digest, reset, sd15_prompt, with_lora
+from server_helpers import disk_read, image_digest, release, reset, sd15_prompt, with_lora
 
 pytestmark = pytest.mark.server
 
@@ -57,7 +57,7 @@ def test_outputs_repeat_exactly_and_release_reads_again(server, prompt):
     server.post("/free", {"unload_models": True, "free_memory": True})
     _, second = disk_read(server, prompt)
     assert image_digest(server, first) == image_digest(server, second)
-    assert server.post("/streamloader/release", {})["released"] == 1
+    assert release(server)["released"] == 1
     server.post("/free", {"unload_models": True, "free_memory": True})
     read, _ = disk_read(server, prompt)
     assert read > 0 and server.get("/streamloader/stats")["models"]
