@@ -7,6 +7,8 @@ export STREAMLOADER_CACHE
 CACHE := $(STREAMLOADER_CACHE)
 PORT ?= 8188
 BOOT = eval "$$(bash scripts/bootstrap.sh)"
+# After BOOT: Debian's chromium and playwright for tests/browser (BROWSER_LIBS, CHROMIUM).
+BROWSER = eval "$$(bash scripts/browser_env.sh "$$VENV")"
 MODELS_DEFAULT = $(CACHE)/models-$(shell cat scripts/make_models.py | sha256sum | cut -c1-12)
 MODELS ?= $(MODELS_DEFAULT)
 PYTEST_ARGS ?=
@@ -25,12 +27,13 @@ models: env
 demo: models
 	@$(BOOT); "$$VENV/bin/python" scripts/demo.py "$$COMFYUI_PATH" "$(MODELS)"
 
+# MODELS=DIR adds DIR's models to the demo models.
 serve: models
-	@$(BOOT); "$$VENV/bin/python" scripts/comfy_server.py "$$COMFYUI_PATH" "$(MODELS)" "$(PORT)"
+	@$(BOOT); "$$VENV/bin/python" scripts/comfy_server.py "$$COMFYUI_PATH" "$(PORT)" "$(MODELS_DEFAULT)" "$(MODELS)"
 
 test: models
-	@$(BOOT); COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
-	  VENV="$$VENV" "$$VENV/bin/python" -m pytest $(PYTEST_ARGS)
+	@$(BOOT); $(BROWSER); COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
+	  BROWSER_LIBS="$$BROWSER_LIBS" CHROMIUM="$$CHROMIUM" VENV="$$VENV" "$$VENV/bin/python" -m pytest $(PYTEST_ARGS)
 
 # The whole suite (unit, in-process, server) on upstream ComfyUI, unpacked from the tarball into the
 # cache with its own venv (`scripts/bootstrap.sh upstream`). torchaudio has no wheel for torch
@@ -46,8 +49,9 @@ test-upstream: models
 	  msg="no upstream ComfyUI tarball at $(STREAMLOADER_UPSTREAM_TARBALL) (it is on this project's machines only; set STREAMLOADER_UPSTREAM_TARBALL to a ComfyUI source .tar.gz)"; \
 	  if [ -n "$${STREAMLOADER_UPSTREAM_OPTIONAL:-}" ]; then echo "test-upstream: skipped: $$msg"; exit 0; fi; \
 	  echo "test-upstream: $$msg" >&2; exit 1; fi; \
-	eval "$$(bash scripts/bootstrap.sh upstream)"; COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
-	  VENV="$$VENV" PYTHONPATH="$(CURDIR)/tests/stubs" "$$VENV/bin/python" -m pytest tests/unit tests/comfy tests/server $(PYTEST_ARGS)
+	eval "$$(bash scripts/bootstrap.sh upstream)"; $(BROWSER); COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
+	  BROWSER_LIBS="$$BROWSER_LIBS" CHROMIUM="$$CHROMIUM" VENV="$$VENV" PYTHONPATH="$(CURDIR)/tests/stubs" \
+	  "$$VENV/bin/python" -m pytest tests/unit tests/comfy tests/server tests/browser $(PYTEST_ARGS)
 
 unit: env
 	@$(BOOT); "$$VENV/bin/python" -m pytest tests/unit $(PYTEST_ARGS)

@@ -10,4 +10,5 @@ else:
     from .nodes import _register_routes, comfy_entrypoint
 
     _register_routes()
-    __all__ = ["comfy_entrypoint"]
+    WEB_DIRECTORY = "./web"  # the graph editor's extension: figures on the nodes, the StreamLoader tab
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

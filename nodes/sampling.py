@@ -37,19 +37,36 @@ def measured(fn, *args, **kwargs):
     return result, figures
 
 
-def stream_lines(model) -> list[str]:
-    """What streaming cost in this run, when the model streamed."""
+def figures_ui(lines: list[str], notes: list[str]) -> dict:
+    """A node's ``ui``: every line under ``text``; the notes again under ``notes``, which the
+    graph editor's extension shows in a warning colour."""
+    return {"text": [*lines, *notes], "notes": list(notes)}
+
+
+def _streamed_figures(model):
     engine = getattr(model, "stream_engine", None)
     if engine is None or engine.attached is None or not engine.figures.steps:
+        return None
+    return engine.figures
+
+
+def stream_notes(model) -> list[str]:
+    """What went differently in this run's streaming (an OOM retry, units left unpinned)."""
+    f = _streamed_figures(model)
+    return [] if f is None else list(f.notes)
+
+
+def stream_lines(model) -> list[str]:
+    """What streaming cost in this run, when the model streamed."""
+    f = _streamed_figures(model)
+    if f is None:
         return []
-    f = engine.figures
     efficiency = f"{f.overlap_efficiency:.2f}" if f.overlap_efficiency is not None else "n/a (no overlap on this device)"
     budget = "no cap" if f.budget_bytes is None else f"{f.budget_bytes / _MIB:.1f} MiB"
     return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
             f"{f.resident_units} units resident, {f.streamed_units} streamed through a ring of {f.slots}",
             f"copies {f.copy_seconds:.3f} s, compute stalled {f.stall_seconds:.3f} s, "
-            f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}",
-            *f.notes]
+            f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}"]
 
 
 class StreamLoaderKSampler(io.ComfyNode):
@@ -78,7 +95,7 @@ class StreamLoaderKSampler(io.ComfyNode):
                 denoise=1.0) -> io.NodeOutput:
         (latent,), figures = measured(comfy_nodes.common_ksampler, model, seed, steps, cfg, sampler_name,
                                       scheduler, positive, negative, latent_image, denoise=denoise)
-        return io.NodeOutput(latent, ui={"text": [figures.as_text(), *stream_lines(model)]})
+        return io.NodeOutput(latent, ui=figures_ui([figures.as_text(), *stream_lines(model)], stream_notes(model)))
 
 
 class StreamLoaderVAEDecode(io.ComfyNode):
@@ -93,7 +110,7 @@ class StreamLoaderVAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, samples, vae) -> io.NodeOutput:
         (images,), figures = measured(comfy_nodes.VAEDecode().decode, vae, samples)
-        return io.NodeOutput(images, ui={"text": [figures.as_text()]})
+        return io.NodeOutput(images, ui=figures_ui([figures.as_text()], []))
 
 
 class StreamLoaderVAEEncode(io.ComfyNode):
@@ -108,4 +125,4 @@ class StreamLoaderVAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, pixels, vae) -> io.NodeOutput:
         (latent,), figures = measured(comfy_nodes.VAEEncode().encode, vae, pixels)
-        return io.NodeOutput(latent, ui={"text": [figures.as_text()]})
+        return io.NodeOutput(latent, ui=figures_ui([figures.as_text()], []))

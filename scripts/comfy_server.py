@@ -30,11 +30,13 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None,
-                 env: dict[str, str] | None = None):
-        """``env``: variables set for the server on top of this process's environment."""
+                 more_models_dirs: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        """``more_models_dirs``: model folders served besides ``models_dir``.
+        ``env``: variables set for the server on top of this process's environment."""
         self.comfy_path = comfy_path
         self.extra_env = dict(env or {})
         self.models_dir = os.path.abspath(models_dir)
+        self.more_models_dirs = [os.path.abspath(d) for d in more_models_dirs]
         self.port = port or free_port()
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="streamloader-comfy-")
         self.url = f"http://127.0.0.1:{self.port}"
@@ -56,8 +58,9 @@ class ComfyServer:
             os.symlink(REPO, link)
         path = os.path.join(self.base_dir, "extra_model_paths.yaml")
         with open(path, "w") as f:
-            f.write("streamloader:\n" f"  base_path: {self.models_dir}\n")
-            f.writelines(f"  {folder}: {folder}\n" for folder in MODEL_FOLDERS)
+            for i, models_dir in enumerate(dict.fromkeys([self.models_dir, *self.more_models_dirs])):
+                f.write(f"streamloader_{i}:\n  base_path: {models_dir}\n")
+                f.writelines(f"  {folder}: {folder}\n" for folder in MODEL_FOLDERS)
         return path
 
     def start(self, timeout: float = 120.0) -> "ComfyServer":
@@ -166,9 +169,11 @@ def execution_error(record: dict) -> dict | None:
     return errors[0] if errors else {"exception_message": json.dumps(record["status"]["messages"])[:2000]}
 
 
-def serve_forever(comfy_path: str, models_dir: str, port: int) -> None:
-    with ComfyServer(comfy_path, models_dir, port=port) as server:
-        print(f"ComfyUI with StreamLoader on {server.url} (models: {models_dir}); Ctrl-C stops it", flush=True)
+def serve_forever(comfy_path: str, port: int, models_dir: str, *more_models_dirs: str) -> None:
+    """`make serve`: the demo models in ``models_dir``, and those of ``more_models_dirs`` too."""
+    with ComfyServer(comfy_path, models_dir, port=port, more_models_dirs=more_models_dirs) as server:
+        listed = ", ".join(dict.fromkeys([server.models_dir, *server.more_models_dirs]))
+        print(f"ComfyUI with StreamLoader on {server.url} (models: {listed}); Ctrl-C stops it", flush=True)
         try:
             server.process.wait()
         except KeyboardInterrupt:
@@ -176,4 +181,4 @@ def serve_forever(comfy_path: str, models_dir: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    serve_forever(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    serve_forever(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

@@ -15,11 +15,10 @@ import sys
 import time
 
 from comfy_server import REPO, ComfyServer
+from ui_workflow import API_EXAMPLE as WORKFLOW
+from ui_workflow import TEMPLATES
 
-WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
-# 0.07 GiB holds the tiny UNet's weights outside its blocks, a ring of two block slots and its
-# smallest block: the four others stream.
-STREAMED = {"stream_layers": True, "max_vram_gb": 0.07}
+STREAMED = TEMPLATES["StreamLoader SD1.5 streamed"]["1"]  # the streamed template's loader inputs
 RUNS = (("cold", 42, {}), ("warm", 43, {}), ("streamed", 43, STREAMED))
 
 

@@ -4,18 +4,29 @@ The graph editor saves and opens workflows as nodes (with their widget values in
 of the node's inputs) and links; the API format names every input. The widget order comes
 from /object_info, so a conversion matches the nodes exactly as the server defines them.
 
-    python scripts/ui_workflow.py API.json OBJECT_INFO.json OUT.json
+    python scripts/ui_workflow.py OBJECT_INFO.json
 
-made example_workflows/streamloader_sd15.json from the API example;
-tests/server/test_ui_workflow.py checks that the two stay in step.
+writes every template of example_workflows/ (what the editor's Templates dialog lists, titled by
+file name) from the API example in api_workflows/, with its changed inputs (TEMPLATES);
+tests/server/test_ui_workflow.py checks that they stay in step.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 import sys
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_HEIGHT, NODE_SIZE = 360, 260, [320, 200]
+COLUMN_WIDTH, ROW_HEIGHT, NODE_SIZE = 360, 340, [320, 200]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_EXAMPLE = os.path.join(REPO, "api_workflows", "streamloader_sd15_api.json")
+# title -> {node id: inputs changed from the API example}. 0.07 GiB holds the tiny UNet's weights
+# outside its blocks, a ring of two block slots and its smallest block: the four others stream.
+TEMPLATES = {
+    "StreamLoader SD1.5": {},
+    "StreamLoader SD1.5 streamed": {"1": {"stream_layers": True, "max_vram_gb": 0.07}},
+}
 
 
 def declared_inputs(info: dict) -> list[tuple[str, list]]:
@@ -94,13 +105,27 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def main(api_path: str, object_info_path: str, out_path: str) -> None:
-    with open(api_path) as f, open(object_info_path) as g:
-        workflow = to_ui(json.load(f), json.load(g))
-    with open(out_path, "w") as f:
-        json.dump(workflow, f, indent=1)
-        f.write("\n")
+def template_prompt(title: str) -> dict:
+    """The API-format prompt of a template: the API example with the template's inputs."""
+    with open(API_EXAMPLE) as f:
+        prompt = json.load(f)
+    for node_id, inputs in TEMPLATES[title].items():
+        prompt[node_id]["inputs"].update(copy.deepcopy(inputs))
+    return prompt
+
+
+def template_path(title: str) -> str:
+    return os.path.join(REPO, "example_workflows", f"{title}.json")
+
+
+def main(object_info_path: str) -> None:
+    with open(object_info_path) as f:
+        object_info = json.load(f)
+    for title in TEMPLATES:
+        with open(template_path(title), "w") as f:
+            json.dump(to_ui(template_prompt(title), object_info), f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(sys.argv[1])

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from comfy_server import MODEL_FOLDERS, REPO, ComfyServer, execution_error
 
-WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15_api.json")
+WORKFLOW = os.path.join(REPO, "api_workflows", "streamloader_sd15_api.json")
 SAVE_NODE = "7"
 LOADER_NODE = "1"
 SAMPLER_NODE = "5"

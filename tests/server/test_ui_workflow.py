@@ -1,16 +1,12 @@
-"""The graph-editor example workflow matches the API example, node for node, on a real server."""
+"""The graph-editor templates match the API example (with each template's inputs), node for node,
+on a real server."""
 import json
-import os
 
 import pytest
 
-from comfy_server import REPO
-from server_helpers import WORKFLOW
-from ui_workflow import to_api, to_ui
+from ui_workflow import TEMPLATES, template_path, template_prompt, to_api, to_ui
 
 pytestmark = pytest.mark.server
-
-UI_WORKFLOW = os.path.join(REPO, "example_workflows", "streamloader_sd15.json")
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +19,12 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
-def test_the_editor_workflow_is_the_api_workflow(object_info):
-    assert to_api(load(UI_WORKFLOW), object_info) == load(WORKFLOW)
+@pytest.mark.parametrize("title", TEMPLATES)
+def test_the_editor_workflow_is_the_api_workflow(object_info, title):
+    assert to_api(load(template_path(title)), object_info) == template_prompt(title)
 
 
-def test_the_editor_workflow_is_up_to_date_with_the_nodes(object_info):
-    """Regenerate with `python scripts/ui_workflow.py` when a node's inputs change."""
-    assert load(UI_WORKFLOW) == to_ui(load(WORKFLOW), object_info)
+@pytest.mark.parametrize("title", TEMPLATES)
+def test_the_editor_workflow_is_up_to_date_with_the_nodes(object_info, title):
+    """Regenerate with `python scripts/ui_workflow.py OBJECT_INFO.json` when a node's inputs change."""
+    assert load(template_path(title)) == to_ui(template_prompt(title), object_info)
