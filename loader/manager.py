@@ -5,6 +5,20 @@ that change the bytes held (dtype). Two loader nodes naming one file share one e
 file changed on disk gets a new key and is read again. Entries are evicted least recently
 used first when the host-RAM budget is exceeded. The manager counts every byte read from
 disk and copied host-to-device, for the stats route and the nodes' figures.
+
+Thread contract. ComfyUI runs one prompt worker thread beside its aiohttp event loop.
+Engines, placements and the manager's entries are touched only by the prompt worker (the
+thread that builds them; ``loader/threads.py`` checks it in tests). The event loop only reads
+the immutable snapshot the worker publishes (``snapshot()``: at each load, at each streamed
+step's end, after each prompt and at each release) and posts requests (``request_release()``),
+which the worker applies between prompts (``apply_requests()``), as core applies ``/free``.
+A request answers at once with what it will release; one that arrives mid-run leaves that run
+untouched and is applied when it ends. The worker picks requests up where core reads its
+``/free`` flags: nodes/routes.py sets a flag of its own with ``PromptQueue.set_flag``, which
+wakes an idle worker at once (its idle wait is 1000 s in 0.3.75 and upstream, so it must be
+woken), and wraps that queue's ``get_flags``, which the worker calls after every prompt and
+every wake-up. Core's ``get_flags(reset=True)`` empties the whole flag dict, so the wrapper
+applies requests in that same call, from the dict core returns: no flag can be lost.
 """
 from __future__ import annotations
 
@@ -12,7 +26,8 @@ import logging
 import os
 import re
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +41,7 @@ from .safetensors_file import FileIdentity, ModelFileError, ReadCounter, Safeten
 log = logging.getLogger(__name__)
 
 _DEFAULT_RAM_SHARE = 0.5
+_RELEASE_LOG = 256  # applied releases listed in the snapshot, newest last
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,15 @@ class ModelEntry:
         }
 
 
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A request, from any thread, to drop every held model between prompts."""
+
+    id: int
+    models: tuple[str, ...]  # the paths held at the last snapshot: what it will release
+    requested_at: float  # time.time()
+
+
 class ModelManager:
     """Process-wide cache of loaded models under a host-RAM budget (LRU eviction)."""
 
@@ -78,6 +103,12 @@ class ModelManager:
         self.reloads = 0
         self._entries: OrderedDict[ModelKey, ModelEntry] = OrderedDict()
         self._lock = threading.RLock()
+        self._requests_lock = threading.Lock()  # never held across a build: the event loop takes it
+        self._release_count = 0
+        self._pending: list[ReleaseRequest] = []
+        self._applied: deque[dict] = deque(maxlen=_RELEASE_LOG)
+        self._snapshot: dict = {}
+        self.publish()
 
     @property
     def disk_bytes_read(self) -> int:
@@ -102,8 +133,10 @@ class ModelManager:
                 entry = self._load(key, build)
             else:
                 self._entries.move_to_end(key)
+        self.publish()
         if options.eager_load:
             self._load_eagerly(entry, progress, notes if notes is not None else [])
+            self.publish()
         return entry
 
     def _load_eagerly(self, entry: ModelEntry, progress, notes: list[str]) -> None:
@@ -181,12 +214,50 @@ class ModelManager:
             self.h2d_bytes += nbytes
 
     def release_all(self) -> int:
-        """Drop every held model; returns how many were dropped."""
+        """Drop every held model (on the owning thread); returns how many were dropped."""
+        return len(self._release_all())
+
+    def _release_all(self) -> list[str]:
         with self._lock:
             keys = list(self._entries)
             for key in keys:
                 self._evict(key)
-        return len(keys)
+        return [key.identity.path for key in keys]
+
+    def request_release(self) -> ReleaseRequest:
+        """From any thread: ask the worker to drop every held model at its next stop between prompts."""
+        with self._requests_lock:
+            self._release_count += 1
+            request = ReleaseRequest(self._release_count, tuple(m["path"] for m in self._snapshot["models"]),
+                                     time.time())
+            self._pending.append(request)
+        return request
+
+    def apply_requests(self) -> None:
+        """On the worker, between prompts: apply the pending releases, then publish a snapshot."""
+        with self._requests_lock:
+            pending, self._pending = self._pending, []
+        for request in pending:
+            released = self._release_all()
+            log.info("StreamLoader: release %d dropped %d models", request.id, len(released))
+            self._applied.append({"id": request.id, "requested_at": request.requested_at,
+                                  "applied_at": time.time(), "released": released})
+        self.publish()
+
+    def publish(self) -> None:
+        """On the worker: replace the snapshot the event loop serves (built whole, never changed after)."""
+        snapshot = self.stats()
+        with self._requests_lock:
+            snapshot["releases"] = {"requested": self._release_count, "applied": list(self._applied)}
+        self._snapshot = snapshot
+
+    def snapshot(self) -> dict:
+        """From any thread: the last published stats, without waiting on any lock. Read only."""
+        return self._snapshot
+
+    def counters(self) -> dict:
+        """From any thread: the byte counters as they are now (they grow during a run, between snapshots)."""
+        return {"disk_bytes_read": self.disk_bytes_read, "h2d_bytes": self.total_h2d_bytes}
 
     def stats(self) -> dict:
         entries = self.entries()

@@ -37,6 +37,23 @@ def _load(folder: str, name: str, kind: str, options: LoadOptions, build) -> tup
     return entry, notes
 
 
+def _listed(folder: str, input_name: str, name) -> str | None:
+    """At POST /prompt, before anything is read: why ``name`` is refused, or None if it is one of
+    the folder's listed files (so it resolves inside the model folders)."""
+    if name in folder_paths.get_filename_list(folder):
+        return None
+    return (f"`{input_name}` {name!r} is not in the list of {folder} files; names are relative to the "
+            f"{folder} model folders (absolute paths and `..` are refused). Pick a listed file, or put the "
+            f"file in a {folder} folder and refresh the list.")
+
+
+def _validation(*problems: str | None) -> bool | str:
+    """What a V3 ``validate_inputs`` returns: True, or the problems (ComfyUI answers 400 with them).
+    ComfyUI 0.3.75 does not check V3 combo values itself."""
+    found = [p for p in problems if p is not None]
+    return " ".join(found) if found else True
+
+
 def _file_fingerprint(folder: str, name: str):
     """What ComfyUI compares between runs to decide whether a loader runs again: the file's
     identity, so that a file replaced or modified on disk is never served from ComfyUI's cache."""
@@ -66,6 +83,10 @@ class StreamLoaderCheckpoint(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name) -> bool | str:
+        return _validation(_listed("checkpoints", "ckpt_name", ckpt_name))
+
+    @classmethod
     def fingerprint_inputs(cls, ckpt_name, **toggles):
         return _file_fingerprint("checkpoints", ckpt_name)
 
@@ -91,6 +112,12 @@ class StreamLoaderDiffusionModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, unet_name, weight_dtype) -> bool | str:
+        dtype = None if weight_dtype in WEIGHT_DTYPES else \
+            f"`weight_dtype` {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}; pick one of those."
+        return _validation(_listed("diffusion_models", "unet_name", unet_name), dtype)
+
+    @classmethod
     def fingerprint_inputs(cls, unet_name, **toggles):
         return _file_fingerprint("diffusion_models", unet_name)
 
@@ -112,6 +139,10 @@ class StreamLoaderVAE(io.ComfyNode):
                     offload_input(), eager_input()],
             outputs=[io.Vae.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, vae_name) -> bool | str:
+        return _validation(_listed("vae", "vae_name", vae_name))
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, **toggles):
