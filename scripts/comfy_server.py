@@ -20,6 +20,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_DIR_NAME = "ComfyUI-StreamLoader"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "loras")
+FRONT_END_ROOT_ENV = "STREAMLOADER_FRONT_END_ROOT"
 
 
 def free_port() -> int:
@@ -30,9 +31,12 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None,
-                 more_models_dirs: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 more_models_dirs: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 cpu: bool | None = None):
         """``more_models_dirs``: model folders served besides ``models_dir``.
-        ``env``: variables set for the server on top of this process's environment."""
+        ``env``: variables set for the server on top of this process's environment.
+        ``cpu``: run with ``--cpu`` (default: where there is no ``nvidia-smi``)."""
+        self.cpu = shutil.which("nvidia-smi") is None if cpu is None else cpu
         self.comfy_path = comfy_path
         self.extra_env = dict(env or {})
         self.models_dir = os.path.abspath(models_dir)
@@ -47,8 +51,10 @@ class ComfyServer:
         cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", self.base_dir,
                "--extra-model-paths-config", self._write_model_paths()]
-        if shutil.which("nvidia-smi") is None:
+        if self.cpu:
             cmd.append("--cpu")
+        if os.environ.get(FRONT_END_ROOT_ENV):  # headless, without the frontend package (`make gpu-check`)
+            cmd += ["--front-end-root", os.environ[FRONT_END_ROOT_ENV]]
         return cmd
 
     def _write_model_paths(self) -> str:

@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -25,3 +26,32 @@ def comfy_path() -> str:
 @pytest.fixture(scope="session")
 def models_dir() -> str:
     return _required_env("STREAMLOADER_MODELS")
+
+
+DEVICE_ENV = "STREAMLOADER_TEST_DEVICE"
+
+
+def _comfy_device() -> str:
+    chosen = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if chosen not in ("cuda", "cpu"):
+        raise pytest.UsageError(f"{DEVICE_ENV}={chosen!r}: set it to `cuda` or `cpu`, or unset it")
+    if chosen == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"{DEVICE_ENV}=cuda, but torch sees no CUDA device; set it to `cpu` or unset it")
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def comfy_device() -> str:
+    """The device ComfyUI runs on in tests/comfy and tests/server: `cuda` or `cpu`, from
+    STREAMLOADER_TEST_DEVICE, by default cuda where torch sees a GPU."""
+    return _comfy_device()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only when the device under test is CUDA."""
+    if _comfy_device() == "cuda":
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: a GPU, with {DEVICE_ENV} unset or `cuda`")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

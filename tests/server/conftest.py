@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 
@@ -10,9 +11,15 @@ from server_helpers import linked_models_dir
 
 
 @pytest.fixture(scope="session")
-def server(comfy_path, models_dir):
+def start_server(comfy_device):
+    """``ComfyServer(comfy_path, models_dir, ...)`` on the device under test (``--cpu`` or not)."""
+    return functools.partial(ComfyServer, cpu=comfy_device == "cpu")
+
+
+@pytest.fixture(scope="session")
+def server(start_server, comfy_path, models_dir):
     """One real ComfyUI server with the pack, on a free loopback port, for the whole session."""
-    with ComfyServer(comfy_path, models_dir) as s:
+    with start_server(comfy_path, models_dir) as s:
         yield s
 
 
@@ -23,7 +30,7 @@ def scratch_models(models_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def scratch_server(comfy_path, scratch_models):
+def scratch_server(start_server, comfy_path, scratch_models):
     """A second server, on `scratch_models`, so that the shared models folder is never changed."""
-    with ComfyServer(comfy_path, scratch_models) as s:
+    with start_server(comfy_path, scratch_models) as s:
         yield s

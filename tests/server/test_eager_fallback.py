@@ -1,7 +1,6 @@
 """`eager_load` on a server whose StreamLoader RAM budget is smaller than the checkpoint:
 the loader falls back to lazy reads, says so on the node, and the run still succeeds."""
 import pytest
-from comfy_server import ComfyServer
 from server_helpers import LOADER_NODE, disk_read, image_digest, rerun, sd15_prompt, stats, ui_text
 
 pytestmark = pytest.mark.server
@@ -11,8 +10,8 @@ FALLBACK = "`eager_load` fell back to lazy reads"
 
 
 @pytest.fixture(scope="module")
-def small_ram_server(comfy_path, models_dir):
-    with ComfyServer(comfy_path, models_dir, env={"STREAMLOADER_RAM_BUDGET_GB": str(BUDGET_GIB)}) as server:
+def small_ram_server(start_server, comfy_path, models_dir):
+    with start_server(comfy_path, models_dir, env={"STREAMLOADER_RAM_BUDGET_GB": str(BUDGET_GIB)}) as server:
         yield server
 
 
