@@ -8,8 +8,6 @@ pool of CPU tensors, and its copies are real copies, so results are bit-identica
 """
 from __future__ import annotations
 
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,12 +15,9 @@ from collections.abc import Callable
 import torch
 
 from .options import GIB, bytes_from_env
-
-log = logging.getLogger(__name__)
+from .pinning import CudaPinnedBook, PinnedBook
 
 SIMULATED_CAPACITY_ENV = "STREAMLOADER_SIMULATED_VRAM_GB"
-PINNED_CAP_ENV = "STREAMLOADER_PINNED_CAP_GB"
-_DEFAULT_PINNED_SHARE = 0.5
 _UNBOUNDED = 1 << 62
 
 
@@ -31,16 +26,13 @@ class Device:
 
     kind = "abstract"
 
-    def __init__(self, torch_device: torch.device, capacity_bytes: int | None, pinned_cap_bytes: int):
+    def __init__(self, torch_device: torch.device, capacity_bytes: int | None, pinned: PinnedBook):
         self.torch_device = torch_device
         self.capacity_bytes = capacity_bytes
-        self.pinned_cap_bytes = pinned_cap_bytes
+        self.pinned = pinned  # the book the host slabs are page-locked through
         self.held_bytes = 0
         self.peak_bytes = 0
-        self.pinned_bytes = 0
         self.copied_bytes = 0  # host-to-device, all copies ever
-        # Bytes others (ComfyUI's own lowvram path) page-locked, counted against the same cap.
-        self.pinned_elsewhere: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
 
     def allocate(self, nbytes: int) -> torch.Tensor:
@@ -69,25 +61,22 @@ class Device:
     def pin(self, host: torch.Tensor) -> bool:
         """Page-lock a host buffer for fast async copies, within the pinned-memory cap."""
         with self._lock:
-            total = self.pinned_bytes + self.pinned_elsewhere() + host.nbytes
-            if total > self.pinned_cap_bytes or not self._register(host):
-                return False
-            self.pinned_bytes += host.nbytes
-            return True
+            return self.pinned.register(host)
 
     def unpin(self, host: torch.Tensor) -> None:
         with self._lock:
-            self._unregister(host)
-            self.pinned_bytes -= host.nbytes
+            self.pinned.unregister(host)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pinned.own_bytes
+
+    @property
+    def pinned_cap_bytes(self) -> int:
+        return self.pinned.cap_bytes
 
     # Subclasses: the memory and the streams.
     def _empty(self, nbytes: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _register(self, host: torch.Tensor) -> bool:
-        raise NotImplementedError
-
-    def _unregister(self, host: torch.Tensor) -> None:
         raise NotImplementedError
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
@@ -129,15 +118,12 @@ class _DoneEvent:
 class SimulatedDevice(Device):
     kind = "simulated"
 
-    def __init__(self, capacity_bytes: int | None = None, pinned_cap_bytes: int | None = None):
-        super().__init__(torch.device("cpu"), capacity_bytes,
-                         _default_pinned_cap() if pinned_cap_bytes is None else pinned_cap_bytes)
+    def __init__(self, capacity_bytes: int | None = None, pinned: PinnedBook | None = None):
+        # Page-locking is bookkeeping here; the cap is enforced all the same.
+        super().__init__(torch.device("cpu"), capacity_bytes, pinned or PinnedBook())
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
-
-    def _register(self, host: torch.Tensor) -> bool:
-        return True  # page-locking is bookkeeping here; the cap is enforced all the same
 
     def _unregister(self, host: torch.Tensor) -> None:
         pass
@@ -169,27 +155,12 @@ class CudaDevice(Device):
     kind = "cuda"
 
     def __init__(self, torch_device: torch.device, capacity_bytes: int | None = None,
-                 pinned_cap_bytes: int | None = None):
-        super().__init__(torch_device, capacity_bytes,
-                         _default_pinned_cap() if pinned_cap_bytes is None else pinned_cap_bytes)
+                 pinned: PinnedBook | None = None):
+        super().__init__(torch_device, capacity_bytes, pinned or CudaPinnedBook())
         self.copy_stream = torch.cuda.Stream(torch_device)
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device)
-
-    def _register(self, host: torch.Tensor) -> bool:
-        # cudaHostRegister on an existing buffer: 0.2 s per 4 GiB on an H200, against 1.5 s
-        # for a fresh pinned allocation (same call as ComfyUI's pin_memory).
-        if host.is_pinned():  # already page-locked (by ComfyUI): registering again would fail
-            return False
-        ok = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 1)) == 0
-        if not ok:
-            _clear_cuda_error()
-        return ok
-
-    def _unregister(self, host: torch.Tensor) -> None:
-        if int(torch.cuda.cudart().cudaHostUnregister(host.data_ptr())) != 0:
-            _clear_cuda_error()
 
     def _copy(self, dst, src, after):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -230,34 +201,24 @@ class CudaDevice(Device):
         return sum(e.start.elapsed_time(e) for e in events) / 1000.0
 
 
-def _clear_cuda_error() -> None:
-    """A failed runtime call leaves CUDA's last error set, and torch would report it at the next
-    kernel launch as if that kernel had failed: read it (which clears it) where the binding exists."""
-    get_last_error = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-    if get_last_error is not None:
-        get_last_error()
-    else:
-        log.warning("StreamLoader: a failed cudaHostRegister may surface at the next kernel launch")
-
-
-def _default_pinned_cap() -> int:
-    share = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _DEFAULT_PINNED_SHARE)
-    return bytes_from_env(PINNED_CAP_ENV, GIB, share)
-
-
 _devices: dict[str, Device] = {}
 _devices_lock = threading.Lock()
 
 
-def device_for(torch_device: torch.device) -> Device:
-    """The process-wide Device for a torch device: CUDA as is, the CPU as a simulated device."""
+def device_for(torch_device: torch.device, pinned: Callable[[], PinnedBook] | None = None) -> Device:
+    """The process-wide Device for a torch device: CUDA as is, the CPU as a simulated device.
+
+    Args:
+        pinned: makes the book a new CUDA device pins its slabs through (ComfyUI's, inside
+            ComfyUI); the default registers with CUDA directly. The simulated device keeps its own.
+    """
     if torch_device.type == "cuda" and torch_device.index is None:  # "cuda" and "cuda:0": one device
         torch_device = torch.device("cuda", torch.cuda.current_device())
     key = str(torch_device)
     with _devices_lock:
         if key not in _devices:
             if torch_device.type == "cuda":
-                _devices[key] = CudaDevice(torch_device)
+                _devices[key] = CudaDevice(torch_device, pinned=pinned() if pinned is not None else None)
             else:
                 capacity = bytes_from_env(SIMULATED_CAPACITY_ENV, GIB, -1)
                 _devices[key] = SimulatedDevice(capacity if capacity >= 0 else None)
@@ -271,8 +232,8 @@ def copied_bytes() -> int:
 
 
 def pinned_report() -> dict:
-    """Page-locked host bytes held by the engine, and the cap they are held under."""
+    """Page-locked host bytes held by the engine and by ComfyUI, and the one cap both are under."""
     with _devices_lock:
         devices = list(_devices.values())
-    cap = devices[0].pinned_cap_bytes if devices else _default_pinned_cap()
-    return {"pinned_bytes": sum(d.pinned_bytes for d in devices), "pinned_cap_bytes": cap}
+    cuda = [d for d in devices if d.kind == "cuda"]  # a GPU's book, when there is one
+    return ((cuda or devices)[0].pinned if devices else PinnedBook()).report()

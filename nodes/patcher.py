@@ -19,6 +19,7 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..loader import Device, LoadOptions, ModelEntry, StreamEngine, device_for, get_manager, resolve_budget
+from .pinning import ComfyPinnedBook
 
 
 class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -82,8 +83,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         finally:
             self._patching_for_host = False
         engine = self.stream_engine
-        device = device_for(torch.device(device_to))
-        device.pinned_elsewhere = lambda: getattr(comfy.model_management, "TOTAL_PINNED_MEMORY", 0)
+        device = device_for(torch.device(device_to), pinned=ComfyPinnedBook)
         comfy_limit = lowvram_model_memory if 0 < lowvram_model_memory < _NO_LIMIT else None
         engine.attach(device, self._stream_budget(device, comfy_limit), _prefetch_depth(),
                       comfy.model_management.throw_exception_if_processing_interrupted)
@@ -91,13 +91,14 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         self.model.device = device_to
         self.model.model_loaded_weight_memory = engine.held_bytes
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
         """For a streamed model, patched weights stay on the host, but each is computed on the
         load device, one at a time (as core does when it loads a model whole), and copied back:
         the fp32 arithmetic over every patched weight would otherwise run on the CPU."""
+        # kwargs: upstream's return_weight and force_cast (saving a partially loaded model).
         if not self._patching_for_host:
-            return super().patch_weight_to_device(key, device_to, inplace_update)
-        super().patch_weight_to_device(key, self.load_device, inplace_update)
+            return super().patch_weight_to_device(key, device_to, inplace_update, **kwargs)
+        super().patch_weight_to_device(key, self.load_device, inplace_update, **kwargs)
         weight, set_func, _ = comfy.model_patcher.get_key_weight(self.model, key)
         if set_func is None and weight.device != _HOST:
             comfy.utils.set_attr_param(self.model, key, weight.to(_HOST))
@@ -231,7 +232,8 @@ def _retry_out_of_memory(engine: StreamEngine, executor, *args, **kwargs):
 def adopt(patcher: comfy.model_patcher.ModelPatcher, entry: ModelEntry) -> StreamModelPatcher:
     """Wrap the module of a patcher made by core loaders in our subclass."""
     _forget_loaded(patcher)
-    ours = StreamModelPatcher(patcher.model, patcher.load_device, patcher.offload_device)
+    # The size now: taking it later would read the lazy weights (a state dict reads them).
+    ours = StreamModelPatcher(patcher.model, patcher.load_device, patcher.offload_device, patcher.model_size())
     ours.stream_entry = entry
     return ours
 

@@ -6,6 +6,7 @@ from torch import nn
 from loader import BudgetTooSmallError, StreamEngine, plan_residency
 from loader.blocks import discover_blocks
 from loader.device import SimulatedDevice
+from loader.pinning import PinnedBook
 
 WIDTH, DEPTH = 64, 8
 
@@ -187,7 +188,7 @@ def test_out_of_memory_retry_plans_smaller(x):
 def test_pinned_memory_is_capped_and_counted(x):
     model = make_model()
     engine = StreamEngine(model, model)
-    device = SimulatedDevice(pinned_cap_bytes=3 * block_bytes(engine))
+    device = SimulatedDevice(pinned=PinnedBook(cap_bytes=3 * block_bytes(engine)))
     engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
     assert device.pinned_bytes == 3 * block_bytes(engine)
     assert sum(u.pinned_on is not None for u in engine.units) == 3
@@ -199,10 +200,19 @@ def test_pinned_memory_is_capped_and_counted(x):
 def test_memory_pinned_by_comfyui_counts_against_the_cap(x):
     model = make_model()
     engine = StreamEngine(model, model)
-    device = SimulatedDevice(pinned_cap_bytes=3 * block_bytes(engine))
-    device.pinned_elsewhere = lambda: 3 * block_bytes(engine)
+    device = SimulatedDevice(pinned=_PinnedByOthers(cap_bytes=3 * block_bytes(engine), others=block_bytes(engine)))
     engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
-    assert device.pinned_bytes == 0
+    assert device.pinned_bytes == 2 * block_bytes(engine), "ComfyUI's pinned bytes and the pack's share one cap"
+    assert device.pinned.report()["pinned_by_comfyui_bytes"] == block_bytes(engine)
+
+
+class _PinnedByOthers(PinnedBook):
+    def __init__(self, cap_bytes: int, others: int):
+        super().__init__(cap_bytes)
+        self._others = others
+
+    def others_bytes(self) -> int:
+        return self._others
 
 
 def test_stored_dtype_streams_as_stored(x):
