@@ -79,6 +79,7 @@ class ParamStore:
         self.file = file
         self._bindings: list[_Binding] = []
         self._read_now_bytes = 0
+        self._unread = 0  # bindings not read yet: a first use of a read store costs nothing
         # The first binding refused while ComfyUI built the model; torch's load_state_dict
         # folds it into its own message, so the manager raises this one instead.
         self.refused: ModelFileError | None = None
@@ -103,6 +104,7 @@ class ParamStore:
             _copy_into(target, self.read_now(entry))
             return target
         self._bindings.append(_Binding(target, entry))
+        self._unread += 1
         return target
 
     def read_now(self, entry: TensorEntry) -> torch.Tensor:
@@ -143,6 +145,8 @@ class ParamStore:
 
     def load_module(self, module: torch.nn.Module) -> int:
         """Read the pending tensors of one module (a checkpoint's UNet, CLIP or VAE) on its first use."""
+        if not self._unread:
+            return 0
         wanted = {id(p) for p in module.parameters()}
         return self._load(lambda b: id(b.target) in wanted, None)
 
@@ -150,8 +154,11 @@ class ParamStore:
         with self._lock:  # held throughout, so that concurrent first uses read each tensor once
             pending = [b for b in self._bindings if not b.loaded and wanted(b)]
             total = sum(b.entry.nbytes for b in pending)
-            if pending:
-                self._read_pending(pending, total, progress)
+            try:
+                if pending:
+                    self._read_pending(pending, total, progress)
+            finally:
+                self._unread = sum(not b.loaded for b in self._bindings)
         return total
 
     def _read_pending(self, pending: list[_Binding], total: int, progress) -> None:

@@ -5,10 +5,12 @@ conversion and model classes do the work while the weights stay bound to the sto
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import inspect
+import threading
 from dataclasses import dataclass
 
+import comfy.model_patcher
 import comfy.sd
 import folder_paths
 import torch
@@ -31,27 +33,51 @@ class CheckpointParts:
     vae: comfy.sd.VAE | None
 
 
-def _non_dynamic(fn) -> dict:
-    """Upstream's DynamicVRAM would manage these weights too; ask for a plain patcher."""
-    return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(fn).parameters else {}
+_CORE_PATCHER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _non_dynamic_core():
+    """Core builds plain ModelPatchers while the pack builds a model from its store.
+
+    The pack manages every part it loads (placement, budget, streaming; see README), so
+    upstream's DynamicVRAM must not: a dynamic patcher makes core load the state dict with
+    ``assign=True``, which would adopt the store's placeholders as the parameters. Core's
+    loaders take ``disable_dynamic``, but upstream's VAE takes none and
+    ``load_state_dict_guess_config`` does not pass it on to the VAE, so the class core hands
+    out (``CoreModelPatcher``, absent in 0.3.75) is pointed at the plain one for the build."""
+    if not hasattr(comfy.model_patcher, "CoreModelPatcher"):
+        yield
+        return
+    with _CORE_PATCHER_LOCK:
+        core = comfy.model_patcher.CoreModelPatcher
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcher
+        try:
+            yield
+        finally:
+            comfy.model_patcher.CoreModelPatcher = core
 
 
 def _metadata(store: ParamStore) -> dict | None:
     return store.file.header.metadata or None
 
 
-def _check_built(store: ParamStore, what: str, *modules: torch.nn.Module) -> None:
+def _finish_build(store: ParamStore, what: str, *modules: torch.nn.Module) -> None:
+    """Check what core built, and make a part's lazy weights read before anything takes its
+    state dict: saving (CheckpointSave, VAE/CLIP ``get_sd``) may come before its first load."""
     if any(isinstance(p, LazyTensor) for m in modules for p in m.parameters()):
         raise RuntimeError(f"ComfyUI kept unread placeholders in {what} from `{store.file.path}`; "
                            "this model format is not supported by StreamLoader yet, use the core loader")
+    for module in modules:
+        module.register_state_dict_pre_hook(lambda m, prefix, keep_vars: store.load_module(m))
 
 
 def build_checkpoint(entry: ModelEntry) -> CheckpointParts:
     store = entry.store
-    loader = comfy.sd.load_state_dict_guess_config
-    out = loader(store.lazy_state_dict(), output_vae=True, output_clip=True,
-                 embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                 metadata=_metadata(store), **_non_dynamic(loader))
+    with _non_dynamic_core():
+        out = comfy.sd.load_state_dict_guess_config(
+            store.lazy_state_dict(), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"), metadata=_metadata(store))
     if out is None or out[0] is None:
         raise ModelFileError(store.file.path, "ComfyUI does not recognise a diffusion model in it",
                              "Pick a checkpoint that core `Load Checkpoint` accepts.")
@@ -63,26 +89,26 @@ def build_checkpoint(entry: ModelEntry) -> CheckpointParts:
     if vae is not None:
         vae.patcher = adopt(vae.patcher, entry)
         modules.append(vae.first_stage_model)
-    _check_built(store, "the checkpoint", *modules)
+    _finish_build(store, "the checkpoint", *modules)
     _attach_engine(entry, model, modules[1:])
     return CheckpointParts(model, clip, vae)
 
 
 def build_diffusion_model(entry: ModelEntry, options: LoadOptions) -> StreamModelPatcher:
     store = entry.store
-    loader = comfy.sd.load_diffusion_model_state_dict
     model_options = {}
     if _UNET_DTYPES[options.weight_dtype] is not None:
         model_options["dtype"] = _UNET_DTYPES[options.weight_dtype]
     if options.weight_dtype == "fp8_e4m3fn_fast":
         model_options["fp8_optimizations"] = True
-    patcher = loader(store.lazy_state_dict(), model_options=model_options, metadata=_metadata(store),
-                     **_non_dynamic(loader))
+    with _non_dynamic_core():
+        patcher = comfy.sd.load_diffusion_model_state_dict(store.lazy_state_dict(), model_options=model_options,
+                                                           metadata=_metadata(store))
     if patcher is None:
         raise ModelFileError(store.file.path, "ComfyUI does not recognise a diffusion model in it",
                              "Pick a file that core `Load Diffusion Model` accepts.")
     ours = adopt(patcher, entry)
-    _check_built(store, "the diffusion model", ours.model)
+    _finish_build(store, "the diffusion model", ours.model)
     _attach_engine(entry, ours, [])
     return ours
 
@@ -103,12 +129,13 @@ def _attach_engine(entry: ModelEntry, model: StreamModelPatcher, others: list[to
 
 def build_vae(entry: ModelEntry) -> comfy.sd.VAE:
     store = entry.store
-    vae = comfy.sd.VAE(sd=store.lazy_state_dict(), metadata=_metadata(store))
+    with _non_dynamic_core():
+        vae = comfy.sd.VAE(sd=store.lazy_state_dict(), metadata=_metadata(store))
     if getattr(vae, "first_stage_model", None) is None:
         raise ModelFileError(store.file.path, "ComfyUI does not recognise a VAE in it",
                              "Pick a file that core `Load VAE` accepts.")
     vae.patcher = adopt(vae.patcher, entry)
-    _check_built(store, "the VAE", vae.first_stage_model)
+    _finish_build(store, "the VAE", vae.first_stage_model)
     entry.device_bytes = lambda: device_bytes(vae.first_stage_model)
     return vae
 
