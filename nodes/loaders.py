@@ -14,6 +14,8 @@ from .inputs import eager_input, offload_input, to_options, toggle_inputs
 from .sampling import figures_ui
 
 _MIB = 1024**2
+_MANAGED_BY_THE_PACK = ("Every part it outputs is placed by StreamLoader (its budget, offload and streaming), "
+                        "not by ComfyUI's DynamicVRAM, also where DynamicVRAM is on.")
 
 
 def _progress_bar():
@@ -77,7 +79,8 @@ class StreamLoaderCheckpoint(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamLoaderCheckpoint", display_name="Load Checkpoint (Stream)", category="loaders/stream",
-            description="Loads a checkpoint into the process-wide StreamLoader cache; later runs read nothing from disk.",
+            description="Loads a checkpoint into the process-wide StreamLoader cache; later runs read nothing from disk. "
+                        + _MANAGED_BY_THE_PACK,
             inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")), *toggle_inputs()],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
@@ -105,7 +108,7 @@ class StreamLoaderDiffusionModel(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamLoaderDiffusionModel", display_name="Load Diffusion Model (Stream)", category="loaders/stream",
-            description="Loads a diffusion model into the process-wide StreamLoader cache.",
+            description="Loads a diffusion model into the process-wide StreamLoader cache. " + _MANAGED_BY_THE_PACK,
             inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models")),
                     io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES)), *toggle_inputs()],
             outputs=[io.Model.Output()],
@@ -134,7 +137,7 @@ class StreamLoaderVAE(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="StreamLoaderVAE", display_name="Load VAE (Stream)", category="loaders/stream",
-            description="Loads a VAE into the process-wide StreamLoader cache.",
+            description="Loads a VAE into the process-wide StreamLoader cache. " + _MANAGED_BY_THE_PACK,
             inputs=[io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae")),
                     offload_input(), eager_input()],
             outputs=[io.Vae.Output()],
