@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,12 +51,23 @@ class ComfyServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-api-nodes", "--base-directory", self.base_dir,
-               "--extra-model-paths-config", self._write_model_paths()]
+               "--extra-model-paths-config", self._write_model_paths(), *self._own_user_data()]
         if self.cpu:
             cmd.append("--cpu")
         if os.environ.get(FRONT_END_ROOT_ENV):  # headless, without the frontend package (`make gpu-check`)
             cmd += ["--front-end-root", os.environ[FRONT_END_ROOT_ENV]]
         return cmd
+
+    def _own_user_data(self) -> list[str]:
+        """Flags giving this server its own user directory and database: concurrent servers must
+        not share them, and ComfyUI's default database lies in its own folder, not the base directory."""
+        user = os.path.join(self.base_dir, "user")
+        os.makedirs(user, exist_ok=True)
+        accepted = accepted_flags(self.comfy_path)
+        flags = ["--user-directory", user] if "--user-directory" in accepted else []
+        if "--database-url" in accepted:
+            flags += ["--database-url", "sqlite:///" + os.path.join(user, "comfyui.db")]
+        return flags
 
     def _write_model_paths(self) -> str:
         os.makedirs(os.path.join(self.base_dir, "custom_nodes"), exist_ok=True)
@@ -69,7 +81,9 @@ class ComfyServer:
                 f.writelines(f"  {folder}: {folder}\n" for folder in MODEL_FOLDERS)
         return path
 
-    def start(self, timeout: float = 120.0) -> "ComfyServer":
+    def start(self, timeout: float = 300.0) -> "ComfyServer":
+        """Start the server; ``timeout`` (s) is generous: upstream ComfyUI imports about 900 nodes,
+        which takes 20-35 s alone on 2 cores and minutes when test runs share them."""
         env = {**os.environ, "DO_NOT_TRACK": "1", **self.extra_env}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         log = open(self.log_path, "w")
@@ -155,6 +169,12 @@ class ComfyServer:
 
         with Image.open(self.output_path(record["outputs"][node]["images"][0])) as png:
             return hashlib.sha256(png.tobytes()).hexdigest()
+
+
+def accepted_flags(comfy_path: str) -> set[str]:
+    """The command-line flags this ComfyUI's main.py accepts (read from comfy/cli_args.py)."""
+    with open(os.path.join(comfy_path, "comfy", "cli_args.py")) as f:
+        return set(re.findall(r"add_argument\(\s*[\"'](--[\w-]+)", f.read()))
 
 
 def executed_nodes(record: dict) -> set[str]:

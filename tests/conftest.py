@@ -1,5 +1,6 @@
 """Shared fixtures: where ComfyUI and the tiny models are (set by `make test`)."""
 import os
+import re
 import sys
 
 import pytest
@@ -26,6 +27,17 @@ def comfy_path() -> str:
 @pytest.fixture(scope="session")
 def models_dir() -> str:
     return _required_env("STREAMLOADER_MODELS")
+
+
+@pytest.fixture(scope="session")
+def comfyui_version(comfy_path) -> tuple[int, ...]:
+    """The version of the ComfyUI under test (its comfyui_version.py), e.g. (0, 3, 75), for the
+    test-side differences between versions."""
+    with open(os.path.join(comfy_path, "comfyui_version.py")) as f:
+        match = re.search(r'__version__\s*=\s*"([\d.]+)"', f.read())
+    if match is None:
+        pytest.fail(f"{comfy_path}/comfyui_version.py has no __version__; point COMFYUI_PATH at a ComfyUI release")
+    return tuple(int(part) for part in match.group(1).split("."))
 
 
 DEVICE_ENV = "STREAMLOADER_TEST_DEVICE"

@@ -45,6 +45,18 @@ class Family:
     expected: list[str]
     run: Callable  # model -> output of one forward pass
     absent: tuple[str, ...] = field(default=())  # block lists that must stay resident (never streamed)
+    upstream_kwargs: dict = field(default_factory=dict)  # required from UPSTREAM on; older classes refuse them
+
+    def kwargs_for(self, comfyui_version: tuple[int, ...]) -> dict:
+        return {**self.kwargs, **self.upstream_kwargs} if comfyui_version >= UPSTREAM else self.kwargs
+
+
+# The parameter classes of Flux, Chroma and HunyuanVideo gained required fields after 0.3.75; 0.33.0
+# has them. Values as upstream's comfy/model_detection.py gives them for these families (Flux 2's
+# [3] there indexes a fourth rope axis, which these tiny models do not have).
+UPSTREAM = (0, 33, 0)
+FLUX_UPSTREAM = {"txt_ids_dims": []}
+CHROMA_UPSTREAM = {"txt_ids_dims": [], "vec_in_dim": None}
 
 
 UNET = {
@@ -118,10 +130,13 @@ FAMILIES = [
     Family("sd15_unet", OPENAI, "UNetModel", UNET, UNET_BLOCKS, lambda m: m(x4(), t(), context=ctx())),
     Family("sdxl_unet", OPENAI, "UNetModel", SDXL_UNET, UNET_BLOCKS,
            lambda m: m(x4(), t(), context=ctx(), y=torch.randn(1, 8))),
-    Family("flux", "flux.model", "Flux", FLUX, DOUBLE_SINGLE, lambda m: m(x4(), t(), ctx(), y=torch.randn(1, 8))),
-    Family("flux2", "flux.model", "Flux", FLUX2, DOUBLE_SINGLE, lambda m: m(x4(), t(), ctx())),
+    Family("flux", "flux.model", "Flux", FLUX, DOUBLE_SINGLE, lambda m: m(x4(), t(), ctx(), y=torch.randn(1, 8)),
+           upstream_kwargs=FLUX_UPSTREAM),
+    Family("flux2", "flux.model", "Flux", FLUX2, DOUBLE_SINGLE, lambda m: m(x4(), t(), ctx()),
+           upstream_kwargs=FLUX_UPSTREAM),
     Family("chroma", "chroma.model", "Chroma", CHROMA, DOUBLE_SINGLE,
-           lambda m: m(x4(), t(), ctx(), torch.tensor([0.0])), absent=("distilled_guidance_layer.layers",)),
+           lambda m: m(x4(), t(), ctx(), torch.tensor([0.0])), absent=("distilled_guidance_layer.layers",),
+           upstream_kwargs=CHROMA_UPSTREAM),
     Family("sd3_mmdit", "modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper", MMDIT,
            names("joint_blocks", 3), lambda m: m(x4(), t(), context=ctx(), y=torch.randn(1, 8))),
     Family("wan", "wan.model", "WanModel", WAN, names("blocks", 3), lambda m: m(x5(), t(), ctx(8))),
@@ -132,9 +147,10 @@ FAMILIES = [
     Family("z_image", "lumina.model", "NextDiT", Z_IMAGE, names("layers", 3),
            lambda m: m(x4(), t(), ctx(), 5), absent=REFINERS),
     Family("hunyuan_video", "hunyuan_video.model", "HunyuanVideo", HUNYUAN, DOUBLE_SINGLE,
-           lambda m: m(x5(), t(), ctx(), y=torch.randn(1, 8)), absent=("txt_in.individual_token_refiner.blocks",)),
+           lambda m: m(x5(), t(), ctx(), y=torch.randn(1, 8)), absent=("txt_in.individual_token_refiner.blocks",),
+           upstream_kwargs={"meanflow_sum": False}),
     Family("hunyuan_video_1_5", "hunyuan_video.model", "HunyuanVideo", HUNYUAN_1_5, names("double_blocks", 2),
-           lambda m: m(x5(), t(), ctx())),
+           lambda m: m(x5(), t(), ctx()), upstream_kwargs={"meanflow_sum": True}),
     Family("ltxv", "lightricks.model", "LTXVModel", LTXV, names("transformer_blocks", 3),
            lambda m: m(x5(), t(), ctx(), None)),
     Family("auraflow", "aura.mmdit", "MMDiT",
@@ -150,7 +166,7 @@ def blocks_module(pack):
     return blocks
 
 
-def build(family: Family) -> torch.nn.Module:
+def build(family: Family, comfyui_version: tuple[int, ...]) -> torch.nn.Module:
     """The family's real ComfyUI class, tiny, with seeded small weights (disable_weight_init leaves them empty)."""
     import comfy.ops
 
@@ -159,7 +175,7 @@ def build(family: Family) -> torch.nn.Module:
     except (ImportError, AttributeError) as e:
         pytest.skip(f"comfy.ldm.{family.module}.{family.cls} is not in this ComfyUI: {e}")
     torch.manual_seed(SEED)
-    model = cls(operations=comfy.ops.disable_weight_init, **family.kwargs)
+    model = cls(operations=comfy.ops.disable_weight_init, **family.kwargs_for(comfyui_version))
     for p in model.parameters():
         p.copy_(torch.randn_like(p) * 0.02)
     return model
@@ -206,8 +222,8 @@ def assert_blocks_own_their_parameters(model, blocks):
     assert owner.keys() <= {id(p) for p in model.parameters()}
 
 
-def check(family: Family, blocks_module):
-    model = build(family)
+def check(family: Family, blocks_module, comfyui_version):
+    model = build(family, comfyui_version)
     blocks = blocks_module.discover_blocks(model)
     found = [name for name, _ in blocks]
     assert found == family.expected
@@ -219,5 +235,5 @@ def check(family: Family, blocks_module):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.id)
-def test_family_blocks_in_execution_order(family, blocks_module):
-    check(family, blocks_module)
+def test_family_blocks_in_execution_order(family, blocks_module, comfyui_version):
+    check(family, blocks_module, comfyui_version)
