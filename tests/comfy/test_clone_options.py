@@ -1,0 +1,67 @@
+"""Clones of one held model with their own options; the OOM retry bound to its own engine."""
+import pytest
+import torch
+
+from comfy_helpers import load_checkpoint, sample
+
+pytestmark = pytest.mark.comfy
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def reference(comfy):
+    """Core's checkpoint loader and KSampler: the result every streamed run must equal."""
+    from comfy_helpers import CKPT, encode
+
+    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
+    pos, neg = encode(comfy, core_clip)
+    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
+    return pos, neg, latent, sample(comfy, core_model, pos, neg, latent)
+
+
+def engine_of(manager):
+    (entry,) = [e for e in manager.entries() if e.engine is not None]
+    return entry.engine
+
+
+def budget_gb(engine, share: float) -> float:
+    return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB
+
+
+def test_each_clone_places_the_shared_engine_with_its_own_options(comfy, manager, reference):
+    pos, neg, latent, expected = reference
+    load_checkpoint()
+    engine = engine_of(manager)
+    small, large = budget_gb(engine, 0.3), budget_gb(engine, 0.8)
+    a = load_checkpoint(stream_layers=True, max_vram_gb=small).args[0]
+    b = load_checkpoint(stream_layers=True, max_vram_gb=large).args[0]
+    plain = load_checkpoint().args[0]
+    assert 0 < a.stream_options.max_vram_bytes < b.stream_options.max_vram_bytes
+    for model in [a, b, plain, a, b]:
+        assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+        placed = engine.attached.plan.budget_bytes if engine.attached is not None else None
+        own = model.stream_options.max_vram_bytes if model.stream_options.stream_layers else None
+        assert placed == own, "a clone ran with another clone's options"
+
+
+def test_the_oom_retry_is_bound_to_its_engine_not_found_through_the_manager(comfy, manager, reference):
+    pos, neg, latent, expected = reference
+    load_checkpoint()
+    engine = engine_of(manager)
+    model = load_checkpoint(stream_layers=True, max_vram_gb=budget_gb(engine, 0.8)).args[0]
+    sample(comfy, model, pos, neg, latent)
+    manager.release_all()  # POST /streamloader/release: ComfyUI's cache still holds the model and runs it
+    failures = []
+
+    def fail_once(module, args):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = engine.units[-1].weight_modules()[-1].register_forward_pre_hook(fail_once)
+    try:
+        assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
+    finally:
+        handle.remove()
+    assert failures and any("retried once" in note for note in engine.figures.notes)
