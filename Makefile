@@ -13,7 +13,7 @@ MODELS_DEFAULT = $(CACHE)/models-$(shell cat scripts/make_models.py | sha256sum 
 MODELS ?= $(MODELS_DEFAULT)
 PYTEST_ARGS ?=
 
-.PHONY: env models demo serve test test-upstream unit bench bench-pack
+.PHONY: env models demo serve test test-upstream unit bench bench-pack gpu-pack gpu-check
 
 env:
 	@$(BOOT) >/dev/null
@@ -64,3 +64,13 @@ bench: env
 # carry .comfy and run `python3 bench/stream_bench.py` there.
 bench-pack: env
 	@$(BOOT); rm -rf .comfy && cp -r "$$COMFYUI_PATH" .comfy && find .comfy -name __pycache__ -prune -exec rm -rf {} +
+
+# The GPU check, for a GPU machine with Python 3.12 and torch but no ComfyUI and no network (the
+# device tool: carry [".gpu"], command `make gpu-check`). gpu-pack prepares .gpu/ here (git-ignored);
+# gpu-check installs its wheels, makes the tiny models, runs the tests on CUDA on both ComfyUI
+# versions and the benchmark, and writes gpu_check.json to $OUT (or bench/results/). No venv there.
+gpu-pack: env
+	@$(BOOT); bash scripts/gpu_pack.sh "$$VENV/bin/python" "$$COMFYUI_PATH" "$(STREAMLOADER_UPSTREAM_TARBALL)"
+
+gpu-check:
+	python3 scripts/gpu_check.py $(GPU_CHECK_ARGS)

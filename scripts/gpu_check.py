@@ -1,0 +1,228 @@
+"""`make gpu-check`: the GPU test mode and the benchmark, on a GPU machine that has torch only.
+
+Reads what `make gpu-pack` put in .gpu/ (ComfyUI copies as .tar.xz, wheels), and in stages:
+1. installs the wheels (`pip install --no-deps --target`) and puts them on PYTHONPATH;
+2. generates the tiny models (scripts/make_models.py);
+3. runs tests/unit, tests/comfy and tests/server on each ComfyUI copy, on STREAMLOADER_TEST_DEVICE
+   (default: cuda where torch sees a GPU), servers headless (`--front-end-root` an empty folder);
+4. runs bench/stream_bench.py;
+and writes gpu_check.json (device, date, versions, test counts in all and per ComfyUI version,
+the benchmark's JSON) to $OUT, or bench/results/, after every stage, with each stage's log beside it.
+Stages share one deadline (--minutes); a stage cut short by it is recorded as timed out.
+
+Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 7.5] [--skip-bench] [--pytest-args ARGS]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_DIRS = ["tests/unit", "tests/comfy", "tests/server"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pack", default=os.path.join(REPO, ".gpu"), help="what `make gpu-pack` prepared")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "bench", "results"))
+    p.add_argument("--minutes", type=float, default=7.5, help="deadline for all stages together")
+    p.add_argument("--skip-bench", action="store_true", help="tests only")
+    p.add_argument("--bench-reserve-s", type=float, default=170,
+                   help="seconds kept for the benchmark (134 s on an H200 on 2026-11-28)")
+    p.add_argument("--pytest-args", default="", help="extra pytest arguments (e.g. `-k gpu`)")
+    p.add_argument("--skip-install", action="store_true",
+                   help="use this Python's packages as they are (a rehearsal where ComfyUI's needs are installed)")
+    return p.parse_args()
+
+
+class Check:
+    def __init__(self, opts: argparse.Namespace):
+        self.opts = opts
+        self.deadline = time.monotonic() + opts.minutes * 60
+        self.work = tempfile.mkdtemp(prefix="streamloader-gpu-check-")
+        self.site = os.path.join(self.work, "site")
+        self.models = os.path.join(self.work, "models")
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # see notes/test-environment.md: 6 s per torch import
+        os.makedirs(opts.out, exist_ok=True)
+        self.result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "python": sys.version.split()[0], "stages": []}
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, name: str, cmd: list[str], cwd: str = REPO, env: dict | None = None,
+            limit_s: float | None = None) -> dict:
+        """Run one stage's command with its output in OUT/<name>.log; it is stopped after ``limit_s``
+        or at the deadline, whichever comes first."""
+        log_path = os.path.join(self.opts.out, f"{name}.log")
+        print(f"== {name}: {shlex.join(cmd)}", flush=True)
+        start = time.monotonic()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # its own group: servers it starts die with it
+            try:
+                code = process.wait(timeout=max(min(self.remaining(), limit_s or self.remaining()), 1))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                code = None
+        stage = {"name": name, "seconds": round(time.monotonic() - start, 1), "returncode": code,
+                 "timed_out": code is None, "log": log_path}
+        self.result["stages"].append(stage)
+        print(f"   {name}: {'timed out' if code is None else f'exit {code}'} after {stage['seconds']} s; "
+              f"last lines of {log_path}:\n{_tail(log_path)}", flush=True)
+        self.write()
+        return stage
+
+    def write(self) -> str:
+        path = os.path.join(self.opts.out, "gpu_check.json")
+        with open(path, "w") as f:
+            json.dump(self.result, f, indent=1)
+        return path
+
+    def probe(self) -> None:
+        """Device, torch and ComfyUI versions, without touching CUDA in this process."""
+        code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
+                "'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name(0) if c else 'CPU (no CUDA)'}))")
+        self.result.update(json.loads(subprocess.check_output([sys.executable, "-c", code], env=self.env)))
+        self.result["comfyui"] = {comfyui_version(p): p for p in self.comfy_copies()}
+        self.result["test_device"] = self.env.get("STREAMLOADER_TEST_DEVICE") or \
+            ("cuda" if self.result["device"] != "CPU (no CUDA)" else "cpu")
+        print(f"== device: {self.result['device']}, torch {self.result['torch']}, ComfyUI "
+              f"{', '.join(self.result['comfyui'])}, tests on {self.result['test_device']}", flush=True)
+
+    def comfy_copies(self) -> list[str]:
+        """The ComfyUI copies of the pack, unpacked into the work folder."""
+        archives = sorted(glob.glob(os.path.join(self.opts.pack, "comfyui-*.tar.xz")))
+        if not archives:
+            raise SystemExit(f"no ComfyUI copy in {self.opts.pack}; run `make gpu-pack` on a machine with the "
+                             "package registries and carry the folder (device tool: carry [\".gpu\"])")
+        for archive in archives:
+            with tarfile.open(archive) as tar:
+                tar.extractall(self.work, filter="data")
+        return [os.path.join(self.work, os.path.basename(a)[:-len(".tar.xz")]) for a in archives]
+
+    def install(self) -> None:
+        wheels = sorted(glob.glob(os.path.join(self.opts.pack, "wheels", "*.whl")))
+        self.result["wheels"] = [os.path.basename(w) for w in wheels]
+        self.run("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                             "--no-cache-dir", "--disable-pip-version-check", "--target", self.site, *wheels])
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.site, self.env.get("PYTHONPATH")]))
+
+    def make_models(self) -> None:
+        comfy = self.result["comfyui"][min(self.result["comfyui"], key=_version_key)]  # the oldest: 0.3.75
+        env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [comfy, self.env.get("PYTHONPATH")]))}
+        self.run("models", [sys.executable, os.path.join(REPO, "scripts", "make_models.py"), self.models],
+                 cwd=comfy, env=env)
+
+    def test(self, version: str, comfy: str, limit_s: float) -> dict:
+        junit = os.path.join(self.work, f"junit-{version}.xml")
+        front_end = os.path.join(self.work, "front-end")  # servers start without the frontend package
+        os.makedirs(front_end, exist_ok=True)
+        env = {**self.env, "COMFYUI_PATH": comfy, "STREAMLOADER_MODELS": self.models,
+               "STREAMLOADER_FRONT_END_ROOT": front_end}
+        stage = self.run(f"tests-{version}", [sys.executable, "-m", "pytest", *TEST_DIRS, "-q", "-rfE",
+                                              f"--junitxml={junit}", *shlex.split(self.opts.pytest_args)],
+                         env=env, limit_s=limit_s)
+        counts = junit_counts(junit) if os.path.exists(junit) else \
+            {"passed": 0, "failed": 1, "skipped": 0, "failures": [f"pytest wrote no report; see {stage['log']}"]}
+        counts.update(seconds=stage["seconds"], timed_out=stage["timed_out"])
+        return counts
+
+    def tests(self) -> None:
+        by_version, versions = {}, list(self.result["comfyui"].items())
+        for i, (version, comfy) in enumerate(versions):
+            share = (self.remaining() - self.bench_reserve_s()) / (len(versions) - i)  # the rest, split evenly
+            if share < 30:
+                by_version[version] = {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}
+                continue
+            by_version[version] = self.test(version, comfy, share)
+            self.result["tests"] = _totals(by_version)
+            self.write()
+        self.result["tests"] = _totals(by_version)
+
+    def bench_reserve_s(self) -> float:
+        return 0 if self.opts.skip_bench else self.opts.bench_reserve_s
+
+    def bench(self) -> None:
+        comfy = self.result["comfyui"][min(self.result["comfyui"], key=_version_key)]
+        stage = self.run("bench", [sys.executable, os.path.join(REPO, "bench", "stream_bench.py"),
+                                   "--comfy", comfy, "--out", self.opts.out])
+        path = os.path.join(self.opts.out, "stream_bench.json")
+        self.result["bench"] = {"json": path if os.path.exists(path) and stage["returncode"] == 0 else None,
+                                "seconds": stage["seconds"], "returncode": stage["returncode"]}
+
+
+def comfyui_version(comfy: str) -> str:
+    scope: dict = {}
+    with open(os.path.join(comfy, "comfyui_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def junit_counts(path: str) -> dict:
+    """Passed, failed (failures and errors), skipped, and the failing tests' ids, from a JUnit report;
+    ``properties``: what the session recorded (record_testsuite_property)."""
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failures, skipped, total = [], 0, 0
+    for case in suite.iter("testcase"):
+        total += 1
+        outcome = {child.tag for child in case}
+        if outcome & {"failure", "error"}:
+            failures.append(f"{case.get('classname')}::{case.get('name')}")
+        elif "skipped" in outcome:
+            skipped += 1
+    properties = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    return {"passed": total - len(failures) - skipped, "failed": len(failures), "skipped": skipped,
+            "failures": failures, "properties": properties}
+
+
+def _totals(by_version: dict) -> dict:
+    keys = ("passed", "failed", "skipped")
+    return {**{k: sum(v.get(k, 0) for v in by_version.values()) for k in keys}, "by_comfyui": by_version}
+
+
+def _tail(path: str, lines: int = 6) -> str:
+    with open(path, errors="replace") as f:
+        return "".join("   | " + line for line in f.readlines()[-lines:])
+
+
+def main() -> None:
+    opts = parse_args()
+    check = Check(opts)
+    check.probe()
+    if not opts.skip_install:
+        check.install()
+    check.make_models()
+    check.tests()
+    if not opts.skip_bench and check.remaining() > 60:
+        check.bench()
+    elif not opts.skip_bench:
+        check.result["bench"] = {"json": None, "not_run": "deadline reached"}
+    path = check.write()
+    tests = check.result["tests"]
+    print(f"== wrote {path}: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped; "
+          f"bench: {(check.result.get('bench') or {}).get('json')}", flush=True)
+    incomplete = any("not_run" in v for v in tests["by_comfyui"].values())
+    sys.exit(1 if tests["failed"] or incomplete or any(s["returncode"] != 0 for s in check.result["stages"]) else 0)
+
+
+if __name__ == "__main__":
+    main()
