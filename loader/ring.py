@@ -1,15 +1,15 @@
 """The staging ring's bookkeeping: variable-size extents of one buffer of R bytes, in use order.
 
 Plain offsets, no tensors and no devices, so the engine and the schedule simulator share it.
-Streamed units take extents in the order they will run (first in, first out, wrapping at the
-end of the buffer); an extent is given back when its unit's compute is done, and its bytes
-become free once every older extent is given back too. A new extent reports the extents whose
+Streamed units take extents in the order they will run, each where the last one ended
+(wrapping at the end of the buffer), or in the next gap round the ring that holds it when a
+unit entered again later in the step still holds its bytes; an extent is given back when its
+unit's compute is done. A new extent reports the extents whose
 bytes it overwrites, so its copy can wait on their release (an event on the device, a time in
 the simulator) instead of the host waiting.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,22 +30,19 @@ class Extent:
 
 
 class Ring:
-    """First-in-first-out extents of a ring of ``nbytes`` bytes."""
+    """Extents of a ring of ``nbytes`` bytes, taken in use order from where the last one ended."""
 
     def __init__(self, nbytes: int):
         if nbytes <= 0:
             raise ValueError(f"a staging ring needs a positive size, not {nbytes} bytes")
         self.nbytes = nbytes
-        self.live: deque[Extent] = deque()
+        self.live: list[Extent] = []  # not released, oldest first
+        self.head = 0  # where the newest extent ends: the next one starts here if it fits
         self._freed: list[Extent] = []  # released, not yet overwritten
 
     @property
     def held_bytes(self) -> int:
-        """Bytes between the oldest and newest live extents (what is not free to allocate)."""
-        if not self.live:
-            return 0
-        head, tail = self.live[-1].end, self.live[0].offset
-        return head - tail if head > tail else self.nbytes - tail + head
+        return sum(e.nbytes for e in self.live)
 
     def allocate(self, nbytes: int, tag: Any) -> Extent | None:
         """The next extent of ``nbytes`` for ``tag``, or None while the ring is too full.
@@ -60,32 +57,34 @@ class Ring:
         if offset is None:
             return None
         extent = Extent(offset, nbytes, tag)
-        extent.overwrites = [e.tag for e in self._freed if e.offset < extent.end and offset < e.end]
-        self._freed = [e for e in self._freed if not (e.offset < extent.end and offset < e.end)]
+        overlaps = [e for e in self._freed if e.offset < extent.end and offset < e.end]
+        extent.overwrites = [e.tag for e in overlaps]
+        self._freed = [e for e in self._freed if e not in overlaps]
         self.live.append(extent)
+        self.head = extent.end
         return extent
 
     def release(self, extent: Extent) -> None:
-        """Its unit's compute is done; the bytes free up once every older extent is released too."""
+        """Its unit's compute is done: its bytes may be overwritten (after its release)."""
         extent.done = True
-        while self.live and self.live[0].done:
-            self._freed.append(self.live.popleft())
+        self.live.remove(extent)
+        self._freed.append(extent)
 
-    def drop_newer(self, extent: Extent | None) -> list[Extent]:
-        """Forget every live extent newer than ``extent`` (all of them if None): a prefetch that
-        guessed the order wrong. Returns the dropped extents, oldest first. Their bytes need no
-        release to be reused: copies run in order on one stream, so a later copy follows theirs."""
-        dropped = []
-        while self.live and self.live[-1] is not extent:
-            dropped.append(self.live.pop())
-        return dropped[::-1]
+    def drop_from(self, extent: Extent) -> None:
+        """Forget ``extent`` and every newer live extent: copies issued ahead on a wrong guess of
+        the order. Their bytes need no release to be reused: copies run in order on one stream,
+        so a later copy follows theirs."""
+        k = self.live.index(extent)
+        self.head = extent.offset
+        del self.live[k:]
 
     def _free_offset(self, nbytes: int) -> int | None:
+        """The first gap between live extents, going round from the head, that holds ``nbytes``."""
         if not self.live:
-            return 0
-        head, tail = self.live[-1].end, self.live[0].offset
-        if head > tail:  # not wrapped: free after the head and before the tail
-            if head + nbytes <= self.nbytes:
-                return head
-            return 0 if nbytes <= tail else None
-        return head if head + nbytes <= tail else None
+            return self.head if self.head + nbytes <= self.nbytes else 0
+        starts = sorted(self.live, key=lambda e: e.offset)
+        gaps = [(a.end, b.offset) for a, b in zip(starts, starts[1:])]
+        gaps += [(starts[-1].end, self.nbytes), (0, starts[0].offset)]
+        gaps = [(max(lo, self.head) if lo <= self.head < hi else lo, hi) for lo, hi in gaps]
+        gaps.sort(key=lambda g: (g[0] - self.head) % self.nbytes)
+        return next((lo for lo, hi in gaps if hi - lo >= nbytes), None)

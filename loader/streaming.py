@@ -206,6 +206,16 @@ class StreamFigures:
         return {**out, "overlap_efficiency": self.overlap_efficiency, "notes": list(self.notes)}
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the engine is doing, for tests and figures: a copy, safe to keep."""
+
+    attached: bool
+    order: tuple[str, ...] = ()  # streamed units in the order they are copied in (learned from a step)
+    entered: tuple[str, ...] = ()  # units computing now
+    held: tuple[str, ...] = ()  # units whose device copy compute is reading now
+
+
 @owned_by_one_thread
 class StreamEngine:
     """Blocks of one diffusion model, packed for streaming; attach places them under a budget."""
@@ -237,6 +247,17 @@ class StreamEngine:
     @property
     def held_bytes(self) -> int:
         return self.attached.held_bytes if self.attached else 0
+
+    def snapshot(self) -> EngineSnapshot:
+        """A public copy of the placement's state, so tests need no private attributes."""
+        with self._lock:
+            placement = self.attached
+            if placement is None:
+                return EngineSnapshot(False)
+            names = [u.name for u in self.units]
+            return EngineSnapshot(True, tuple(names[i] for i in placement.schedule.order),
+                                  tuple(names[i] for i in placement.entered),
+                                  tuple(names[s.unit] for s in placement.slots if s.busy))
 
     @property
     def fixed_bytes(self) -> int:

@@ -139,8 +139,7 @@ def test_one_slot_budget_streams_synchronously(x, reference):
 def test_prefetch_follows_the_learned_order(x):
     model, engine, device, plan, _ = streamed(0.0, x, steps=2, depth=2)
     assert plan.slots == 3
-    placement = engine.attached
-    assert placement.schedule.order == [i for i in range(DEPTH) if i not in plan.resident]
+    assert engine.snapshot().order == tuple(f"blocks.{i}" for i in range(DEPTH) if i not in plan.resident)
 
 
 def test_interrupt_mid_step_leaves_nothing_in_flight(x, reference):
@@ -161,8 +160,8 @@ def test_interrupt_mid_step_leaves_nothing_in_flight(x, reference):
     engine.attach(device, budget, check_interrupt=interrupt_on_third_block)
     with torch.inference_mode(), pytest.raises(Interrupted):
         model(x)
-    placement = engine.attached
-    assert not placement.entered and not any(s.busy for s in placement.slots)
+    snapshot = engine.snapshot()
+    assert snapshot.attached and not snapshot.entered and not snapshot.held
     assert device.held_bytes <= budget
     with torch.inference_mode():
         assert torch.equal(model(x), reference)

@@ -120,19 +120,28 @@ def test_a_unit_entered_twice_holds_its_extent_until_its_last_entry():
         simulate(profile, frozenset(), 100, steps=1)
 
 
-def test_ring_extents_wrap_and_free_in_order():
+def test_ring_extents_wrap_and_reuse_released_bytes():
     ring = Ring(300)
     a, b = ring.allocate(100, "a"), ring.allocate(150, "b")
     assert (a.offset, b.offset) == (0, 100)
     assert ring.allocate(100, "c") is None  # 50 bytes at the end, none at the start
-    ring.release(b)
-    assert ring.allocate(100, "c") is None  # b is free only once the older a is
     ring.release(a)
     c = ring.allocate(100, "c")
-    assert c.offset == 250 - 250 and c.overwrites == ["a"]  # wrapped to the start, over a
+    assert c.offset == 0 and c.overwrites == ["a"]  # wrapped to the start, over a
+    assert ring.allocate(100, "d") is None
+    ring.release(b)
     d = ring.allocate(150, "d")
     assert d.offset == 100 and d.overwrites == ["b"]
     assert ring.held_bytes == 250
+
+
+def test_ring_reuses_bytes_around_a_unit_still_held():
+    """A unit entered again later (``a``) keeps its extent; the units between take turns beside it."""
+    ring = Ring(200)
+    a, b = ring.allocate(100, "a"), ring.allocate(100, "b")
+    ring.release(b)
+    c = ring.allocate(100, "c")
+    assert c.offset == 100 and c.overwrites == ["b"] and a in ring.live
 
 
 def test_ring_refuses_a_unit_larger_than_itself():
@@ -142,7 +151,9 @@ def test_ring_refuses_a_unit_larger_than_itself():
 
 def test_ring_drops_wrong_guesses():
     ring = Ring(300)
-    a = ring.allocate(100, "a")
-    ring.allocate(100, "b"), ring.allocate(100, "c")
-    assert [e.tag for e in ring.drop_newer(a)] == ["b", "c"]
+    ring.allocate(100, "a")
+    b = ring.allocate(100, "b")
+    ring.allocate(100, "c")
+    ring.drop_from(b)
+    assert [e.tag for e in ring.live] == ["a"]
     assert ring.allocate(200, "d").offset == 100
