@@ -14,11 +14,12 @@ step's end, after each prompt and at each release) and posts requests (``request
 which the worker applies between prompts (``apply_requests()``), as core applies ``/free``.
 A request answers at once with what it will release; one that arrives mid-run leaves that run
 untouched and is applied when it ends. The worker picks requests up where core reads its
-``/free`` flags: nodes/routes.py sets a flag of its own with ``PromptQueue.set_flag``, which
-wakes an idle worker at once (its idle wait is 1000 s in 0.3.75 and upstream, so it must be
-woken), and wraps that queue's ``get_flags``, which the worker calls after every prompt and
-every wake-up. Core's ``get_flags(reset=True)`` empties the whole flag dict, so the wrapper
-applies requests in that same call, from the dict core returns: no flag can be lost.
+``/free`` flags: nodes/routes.py wraps the queue's ``get_flags``, which the worker calls after
+every prompt and every wake-up, and applies requests in that call (core's ``reset=True`` empties
+the whole flag dict, so a flag of the pack's own in core's dict would be lost). The worker's
+idle wait is 1000 s in 0.3.75 and upstream (it does not wake every second), and
+``PromptQueue.set_flag`` wakes it only while it waits, so the route posts its flag every 50 ms
+until the request is applied.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._requests_lock = threading.Lock()  # never held across a build: the event loop takes it
         self._release_count = 0
+        self.applied_through = 0  # the id of the last release applied (read from any thread)
         self._pending: list[ReleaseRequest] = []
         self._applied: deque[dict] = deque(maxlen=_RELEASE_LOG)
         self._snapshot: dict = {}
@@ -242,6 +244,7 @@ class ModelManager:
             log.info("StreamLoader: release %d dropped %d models", request.id, len(released))
             self._applied.append({"id": request.id, "requested_at": request.requested_at,
                                   "applied_at": time.time(), "released": released})
+            self.applied_through = request.id
         self.publish()
 
     def publish(self) -> None:

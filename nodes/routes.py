@@ -2,11 +2,14 @@
 side of them; see the thread contract in loader/manager.py."""
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from ..loader import get_manager
 
 _FLAG = "streamloader_requests"
+_NUDGE_S = 0.05
 
 
 def register(server) -> None:
@@ -22,9 +25,19 @@ def register(server) -> None:
     async def release(request: web.Request) -> web.Response:
         running, _ = server.prompt_queue.get_current_queue_volatile()  # read first: the release follows them
         posted = get_manager().request_release()
-        server.prompt_queue.set_flag(_FLAG, posted.id)  # wakes an idle worker
+        asyncio.ensure_future(_wake_until_applied(server.prompt_queue, posted.id))
         return web.json_response({"id": posted.id, "released": len(posted.models), "models": list(posted.models),
                                   "after_prompts": [item[1] for item in running]})
+
+
+async def _wake_until_applied(queue, request_id: int) -> None:
+    """Post the flag until the worker has applied the request. A flag wakes the worker only while it
+    waits in the queue: one posted while it runs core's /free or its gc pass would otherwise wait
+    for the next prompt, or for the end of its 1000 s idle wait."""
+    manager = get_manager()
+    while manager.applied_through < request_id:
+        queue.set_flag(_FLAG, request_id)
+        await asyncio.sleep(_NUDGE_S)
 
 
 def apply_between_prompts(queue) -> None:
