@@ -40,10 +40,12 @@ def test_the_forcing_reaches_cores_loaders(comfy, manager, force_dynamic):
     import folder_paths
 
     from comfyui_streamloader.loader import ParamStore, SafetensorsFile
+    from comfyui_streamloader.loader.safetensors_file import ReadCounter
 
     if not force_dynamic():
         pytest.skip("ComfyUI 0.3.75 has no DynamicVRAM (no CoreModelPatcher)")
-    store = ParamStore(SafetensorsFile(folder_paths.get_full_path_or_raise("vae", "tiny_taesd.safetensors")))
+    path = folder_paths.get_full_path_or_raise("vae", "tiny_taesd.safetensors")
+    store = ParamStore(SafetensorsFile(path, ReadCounter()))
     with pytest.raises(RuntimeError, match="LazyTensor"):
         comfy.sd.VAE(sd=store.lazy_state_dict())
 
