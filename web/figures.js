@@ -13,7 +13,8 @@ function addFiguresWidget(node) {
     serialize: false,
     getValue: () => element.textContent,
     setValue: () => {},
-    getMinHeight: () => Math.max(element.childElementCount, 1) * 17 + 8,
+    // Long lines wrap: the rendered height, once there is one, else a line each.
+    getMinHeight: () => Math.max(element.scrollHeight, element.childElementCount * 17) + 8,
   });
 }
 

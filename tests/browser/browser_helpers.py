@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from comfy_server import REPO
+from comfy_server import PACK_DIR_NAME, REPO
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -19,11 +20,15 @@ def open_editor(page, url: str, nodes_2: bool = False) -> None:
 
 
 def open_template(page, title: str) -> None:
-    """From the Templates dialog (a new user sees it at once; else the menu's command opens it)."""
-    card = page.get_by_text(title, exact=True)
-    if not card.first.is_visible():
+    """From the Templates dialog (a new user of 1.32.9 sees it at once; else the menu's command
+    opens it): the pack's entry under Extensions, then the template's card."""
+    pack = page.get_by_text(PACK_DIR_NAME, exact=True).first
+    try:
+        pack.wait_for(timeout=5_000)
+    except PlaywrightTimeout:
         page.evaluate("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    card.first.click()
+    pack.click()
+    page.get_by_text(title, exact=True).first.click()
     page.wait_for_function("t => app.extensionManager.workflow.activeWorkflow?.filename === t", arg=title)
 
 
@@ -59,6 +64,7 @@ def release(page) -> None:
 
 
 def screenshot(page, name: str) -> str:
+    page.wait_for_timeout(1500)  # the preview image and the canvas settle after the run's last message
     path = os.path.join(ARTIFACTS, f"{name}.png")
     page.screenshot(path=path)
     return path

@@ -9,23 +9,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # browser_helper
 if os.environ.get("BROWSER_LIBS"):
     sys.path.insert(0, os.environ["BROWSER_LIBS"])
 
-from browser_helpers import ARTIFACTS, CHROMIUM_ARGS
-from comfy_server import ComfyServer
+from browser_helpers import ARTIFACTS, CHROMIUM_ARGS  # noqa: E402 (after the path above)
+from comfy_server import ComfyServer  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def editor_server(comfy_path, models_dir):
-    with ComfyServer(comfy_path, models_dir) as server:
+    """On the CPU everywhere: the tests read the simulated device's figures; the editor's side is
+    the same on a GPU."""
+    with ComfyServer(comfy_path, models_dir, cpu=True) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def chromium():
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="run the browser tests with `make test`")
     executable = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     if not os.path.exists(executable):
         pytest.fail(f"no chromium at {executable}; `make test` installs Debian's (apt-get install chromium)")
-    with playwright_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
         browser.close()

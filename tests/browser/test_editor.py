@@ -45,8 +45,8 @@ def assert_figures(figures: dict, streamed: bool) -> None:
 
 @pytest.mark.parametrize("title,nodes_2", [(PLAIN, False), (STREAMED, False), (PLAIN, True)],
                          ids=["plain", "streamed", "plain-nodes-2.0"])
-def test_a_template_runs_and_shows_its_figures_and_the_panel(editor_server, page, title, nodes_2):
-    name = title.replace(" ", "-") + ("-nodes-2.0" if nodes_2 else "")
+def test_a_template_runs_and_shows_its_figures_and_the_panel(editor_server, comfyui_version, page, title, nodes_2):
+    name = f"comfyui-{'.'.join(map(str, comfyui_version))}-{title.replace(' ', '-')}" + ("-nodes-2.0" if nodes_2 else "")
     open_editor(page, editor_server.url, nodes_2)
     open_template(page, title)
     run(page)
