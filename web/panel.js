@@ -56,9 +56,9 @@ function modelCard(model) {
   card.append(rows([
     ["file", formatBytes(model.bytes)],
     ["in RAM", formatBytes(model.host_resident_bytes)],
-    ["on the GPU", formatBytes(model.vram_resident_bytes)],
+    ["on the device", formatBytes(model.vram_resident_bytes)],
     ["streamed", model.stream ? formatBytes(model.stream.streamed_bytes) : "—"],
-    ["budget", formatBytes(model.budget_bytes)],
+    ["budget", formatBytes(model.budget_bytes ?? model.stream?.budget_bytes)],
   ]));
   if (model.stream && model.stream.steps > 0) {
     card.append(strip(model.stream), streamFigures(model.stream));
