@@ -75,8 +75,7 @@ class Check:
             try:
                 code = process.wait(timeout=max(min(self.remaining(), limit_s or self.remaining()), 1))
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                _stop(process)
                 code = None
         stage = {"name": name, "seconds": round(time.monotonic() - start, 1), "returncode": code,
                  "timed_out": code is None, "log": log_path}
@@ -132,20 +131,24 @@ class Check:
         front_end = os.path.join(self.work, "front-end")  # servers start without the frontend package
         os.makedirs(front_end, exist_ok=True)
         env = {**self.env, "COMFYUI_PATH": comfy, "STREAMLOADER_MODELS": self.models,
-               "STREAMLOADER_FRONT_END_ROOT": front_end}
-        stage = self.run(f"tests-{version}", [sys.executable, "-m", "pytest", *TEST_DIRS, "-q", "-rfE",
-                                              f"--junitxml={junit}", *shlex.split(self.opts.pytest_args)],
+               "STREAMLOADER_FRONT_END_ROOT": front_end,
+               # No test starts in the last 45 s of the stage: pytest ends in time and writes its report.
+               "STREAMLOADER_TEST_DEADLINE": str(time.time() + limit_s - 45),
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(REPO, "scripts"), self.env.get("PYTHONPATH")]))}
+        stage = self.run(f"tests-{version}", [sys.executable, "-m", "pytest", "-p", "pytest_deadline", *TEST_DIRS,
+                                              "-q", "-rfE", f"--junitxml={junit}", *shlex.split(self.opts.pytest_args)],
                          env=env, limit_s=limit_s)
         counts = junit_counts(junit) if os.path.exists(junit) else \
             {"passed": 0, "failed": 1, "skipped": 0, "failures": [f"pytest wrote no report; see {stage['log']}"]}
-        counts.update(seconds=stage["seconds"], timed_out=stage["timed_out"])
+        counts.update(seconds=stage["seconds"], timed_out=stage["timed_out"],
+                      stopped_at_deadline="STREAMLOADER_TEST_DEADLINE reached" in _tail(stage["log"], 40))
         return counts
 
     def tests(self) -> None:
         by_version, versions = {}, list(self.result["comfyui"].items())
         for i, (version, comfy) in enumerate(versions):
             share = (self.remaining() - self.bench_reserve_s()) / (len(versions) - i)  # the rest, split evenly
-            if share < 30:
+            if share < 90:
                 by_version[version] = {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}
                 continue
             by_version[version] = self.test(version, comfy, share)
@@ -163,6 +166,17 @@ class Check:
         path = os.path.join(self.opts.out, "stream_bench.json")
         self.result["bench"] = {"json": path if os.path.exists(path) and stage["returncode"] == 0 else None,
                                 "seconds": stage["seconds"], "returncode": stage["returncode"]}
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Interrupt a stage's process group (pytest then stops, writes its report with the results so
+    far and stops its servers), and kill it if it is still there after 20 s."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def comfyui_version(comfy: str) -> str:
@@ -220,7 +234,8 @@ def main() -> None:
     tests = check.result["tests"]
     print(f"== wrote {path}: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped; "
           f"bench: {(check.result.get('bench') or {}).get('json')}", flush=True)
-    incomplete = any("not_run" in v for v in tests["by_comfyui"].values())
+    incomplete = any("not_run" in v or v.get("timed_out") or v.get("stopped_at_deadline")
+                     for v in tests["by_comfyui"].values())
     sys.exit(1 if tests["failed"] or incomplete or any(s["returncode"] != 0 for s in check.result["stages"]) else 0)
 
 
