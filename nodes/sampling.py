@@ -61,7 +61,7 @@ def stream_lines(model) -> list[str]:
     f = _streamed_figures(model)
     if f is None:
         return []
-    efficiency = f"{f.overlap_efficiency:.2f}" if f.overlap_efficiency is not None else "n/a (no overlap on this device)"
+    efficiency = f"{f.overlap_efficiency:.0%}" if f.overlap_efficiency is not None else "n/a (no overlap on this device)"
     budget = "no cap" if f.budget_bytes is None else f"{f.budget_bytes / _MIB:.1f} MiB"
     return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
             f"{f.resident_units} units resident, {f.streamed_units} streamed through a ring of {f.slots}",
