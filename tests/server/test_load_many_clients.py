@@ -1,0 +1,209 @@
+"""Many clients at once, on a real server: while streamed runs execute back to back, 4 clients
+poll /streamloader/stats every 10 ms and one sends /streamloader/release and /interrupt at random
+moments, for 60 s on the simulated device, or 30 s with real streams on a GPU
+(STREAMLOADER_LOAD_SECONDS overrides both). Before that, the same pollers watch a full-size
+SD1.5 UNet (1.6 GiB in the file, 3.2 GiB in fp32 on the CPU) load eagerly. The thread
+contract's check is on in the server (tests/conftest.py): an engine touched from the event
+loop would raise there."""
+import http.client
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from comfy_server import ComfyServer
+from server_helpers import (SAMPLER_NODE, applied_release, free, linked_models_dir, release, rss_bytes, run_digest,
+                            sd15_prompt, stats)
+
+pytestmark = [pytest.mark.server, pytest.mark.load]
+
+SECONDS_ENV = "STREAMLOADER_LOAD_SECONDS"
+POLLERS, POLL_PERIOD_S = 4, 0.01
+STATS_LATENCY_LIMIT_S = 0.1
+RSS_SLACK = 64 * 2**20
+BIG_UNET = "big_sd15_unet.safetensors"
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def load_server(comfy_path, models_dir, tmp_path_factory):
+    """A server of its own, on a models folder that also holds a full-size (zero) SD1.5 UNet."""
+    root = linked_models_dir(str(tmp_path_factory.mktemp("load-models")), models_dir)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "big_unet.py")
+    subprocess.run([sys.executable, script, os.path.join(root, "diffusion_models", BIG_UNET)], cwd=comfy_path,
+                   env={**os.environ, "PYTHONPATH": comfy_path}, check=True, capture_output=True)
+    with ComfyServer(comfy_path, root) as server:
+        yield server
+
+
+def streamed(seed: int) -> dict:
+    prompt = sd15_prompt(stream_layers=True, max_vram_gb=0.06)  # streams 3 of 5 blocks (test_streaming_server.py)
+    prompt[SAMPLER_NODE]["inputs"].update(steps=4, seed=seed)
+    return prompt
+
+
+def big_eager_load() -> dict:
+    prompt = sd15_prompt()
+    prompt["10"] = {"class_type": "StreamLoaderDiffusionModel", "inputs": {
+        "unet_name": BIG_UNET, "weight_dtype": "default", "offload_to_cpu": True, "stream_layers": False,
+        "max_vram_gb": 0.0, "eager_load": True}}
+    # denoise 0: the sampler returns the latent untouched, so the run is the eager load (and the tiny VAE)
+    prompt[SAMPLER_NODE]["inputs"].update(model=["10", 0], steps=1, denoise=0.0)
+    return prompt
+
+
+class Pollers:
+    """Clients that GET /streamloader/stats every 10 ms on their own keep-alive connection."""
+
+    def __init__(self, server: ComfyServer, count: int = POLLERS):
+        self.port, self.stop = server.port, threading.Event()
+        self.samples: list[tuple[float, float]] = []  # (wall-clock start, latency in s)
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._poll, daemon=True) for _ in range(count)]
+
+    def __enter__(self) -> "Pollers":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def _poll(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self.stop.is_set():
+            start, t0 = time.time(), time.perf_counter()
+            try:
+                conn.request("GET", "/streamloader/stats")
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200 or "models" not in json.loads(body):
+                    self.errors.append(f"{response.status}: {body[:200]!r}")
+            except (OSError, http.client.HTTPException) as e:
+                self.errors.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.samples.append((start, time.perf_counter() - t0))
+            self.stop.wait(POLL_PERIOD_S)
+        conn.close()
+
+    def latencies(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
+        return [latency for t, latency in self.samples if start <= t <= end]
+
+
+class Disturber(threading.Thread):
+    """One client that sends a release or, one time in seven, an interrupt, every 0.3-3 s at random."""
+
+    def __init__(self, server: ComfyServer, seed: int = 11):
+        super().__init__(daemon=True)
+        self.server, self.random, self.stop = server, random.Random(seed), threading.Event()
+        self.releases: list[dict] = []
+        self.interrupts = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.random.uniform(0.3, 3.0)):
+            if self.random.random() < 6 / 7:
+                self.releases.append(self.server.post("/streamloader/release", {}))
+            else:
+                self.server.post("/interrupt", {})
+                self.interrupts += 1
+
+
+def end_ms(record: dict) -> int:
+    """When a run ended (its last status message), in ms since the epoch."""
+    return max(data["timestamp"] for _, data in record["status"]["messages"] if "timestamp" in data)
+
+
+def outcome(record: dict) -> str:
+    names = [name for name, _ in record["status"]["messages"]]
+    if "execution_success" in names:
+        return "completed"
+    return "interrupted" if "execution_interrupted" in names else "failed"
+
+
+def idle_rss(server: ComfyServer) -> int:
+    """RSS once ComfyUI and the pack hold nothing (after /free, a release and ComfyUI's gc)."""
+    free(server)
+    release(server)
+    time.sleep(1.0)
+    return rss_bytes(server.process.pid)
+
+
+def test_many_clients_at_once(load_server, comfy_device):
+    server, started = load_server, time.monotonic()
+    seconds = float(os.environ.get(SECONDS_ENV) or (30 if comfy_device == "cuda" else 60))
+    references = {seed: run_digest(server, streamed(seed)) for seed in (1, 2)}  # undisturbed
+    rss_before = idle_rss(server)
+    answer = release(server)  # on an idle server the worker waits in the queue (1000 s): the flag wakes it
+    applied = applied_release(server, answer["id"])
+    assert applied["applied_at"] - applied["requested_at"] < 1.0, applied
+    with Pollers(server) as pollers:  # for comparison: the same clients against an idle server
+        time.sleep(3)
+    idle = pollers.latencies()
+
+    with Pollers(server) as pollers:  # phase 1: a 1.6 GiB UNet loads eagerly while the stats are polled
+        read_before = stats(server)["disk_bytes_read"]
+        big = server.run(big_eager_load())
+        (held,) = [m for m in stats(server)["models"] if m["path"].endswith(BIG_UNET)]
+        load_reads = stats(server)["disk_bytes_read"] - read_before
+    begin = min(d["timestamp"] for n, d in big["status"]["messages"] if n == "execution_start") / 1000
+    during_load = pollers.latencies(begin, end_ms(big) / 1000)
+    print(f"\nload test: eager load of {load_reads / GIB:.2f} GiB in {end_ms(big) / 1000 - begin:.1f} s; "
+          f"stats latency idle {_summary(idle)}, during the eager load {_summary(during_load)}")
+    assert held["host_resident_bytes"] >= 1.5 * GIB and load_reads >= 1.5 * GIB
+    assert len(during_load) >= 20 and not pollers.errors, pollers.errors[:5]
+    idle_rss(server)
+
+    records = []
+    with Pollers(server) as pollers:  # phase 2: streamed runs, releases and interrupts at random moments
+        disturber = Disturber(server)
+        disturber.start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            seed = 1 + len(records) % 2
+            records.append((seed, server.submit(streamed(seed))))
+        disturber.stop.set()
+        disturber.join()
+    outcomes = [outcome(r) for _, r in records]
+    print(f"load test: {len(records)} runs ({outcomes.count('completed')} completed, "
+          f"{outcomes.count('interrupted')} interrupted), {len(disturber.releases)} releases, "
+          f"{disturber.interrupts} interrupts; stats latency during the runs {_summary(pollers.latencies())}")
+
+    assert server.process.poll() is None and not pollers.errors, pollers.errors[:5]
+    assert "failed" not in outcomes, [r["status"] for (_, r), o in zip(records, outcomes) if o == "failed"][:2]
+    assert "completed" in outcomes and disturber.releases and disturber.interrupts
+    for seed, record in records:
+        if outcome(record) == "completed":
+            assert server.pixel_digest(record, "7") == references[seed]
+    _check_releases_follow_their_runs(server, disturber.releases)
+    assert "ThreadContractError" not in open(server.log_path).read()
+    rss_after = idle_rss(server)
+    assert rss_after <= rss_before + RSS_SLACK, f"RSS {rss_before >> 20} MiB before, {rss_after >> 20} MiB after"
+    print(f"load test: RSS {rss_before >> 20} -> {rss_after >> 20} MiB, {time.monotonic() - started:.0f} s in all")
+    assert max(during_load) < STATS_LATENCY_LIMIT_S, \
+        f"stats latency during the eager load: {_summary(during_load)} (idle server: {_summary(idle)})"
+
+
+def _check_releases_follow_their_runs(server: ComfyServer, releases: list[dict]) -> None:
+    """Every release was applied, and after the end of every run that was running when it came."""
+    mid_run = 0
+    for answer in releases:
+        applied = applied_release(server, answer["id"])
+        assert applied is not None, f"release {answer['id']} was never applied"
+        for prompt_id in answer["after_prompts"]:
+            record = server.get(f"/history/{prompt_id}")[prompt_id]
+            assert applied["applied_at"] * 1000 >= end_ms(record), (answer, applied)
+            mid_run += 1
+    assert mid_run > 0, "no release arrived during a run"
+
+
+def _summary(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    return (f"max {ordered[-1] * 1000:.1f} ms, p99 {ordered[int(0.99 * (len(ordered) - 1))] * 1000:.1f} ms "
+            f"over {len(ordered)} requests")
