@@ -4,10 +4,12 @@ Reads what `make gpu-pack` put in .gpu/ (ComfyUI copies as .tar.xz, wheels), and
 1. installs the wheels (`pip install --no-deps --target`) and puts them on PYTHONPATH;
 2. generates the tiny models (scripts/make_models.py);
 3. runs tests/unit, tests/comfy and tests/server on each ComfyUI copy, on STREAMLOADER_TEST_DEVICE
-   (default: cuda where torch sees a GPU), servers headless (`--front-end-root` an empty folder);
+   (default: cuda where torch sees a GPU), servers headless (`--front-end-root` an empty folder):
+   all but the `gpu` tests on both copies at once, then the `gpu` tests one copy at a time;
 4. runs bench/stream_bench.py;
 and writes gpu_check.json (device, date, versions, test counts in all and per ComfyUI version,
-the benchmark's JSON) to $OUT, or bench/results/, after every stage, with each stage's log beside it.
+the benchmark's JSON) to $OUT, or bench/results/, after every stage, and the stages' output to
+gpu_check.log beside it.
 Stages share one deadline (--minutes); a stage cut short by it is recorded as timed out.
 
 Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 7.5] [--skip-bench] [--pytest-args ARGS]
@@ -56,6 +58,7 @@ class Check:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # see notes/test-environment.md: 6 s per torch import
         os.makedirs(opts.out, exist_ok=True)
+        open(os.path.join(opts.out, "gpu_check.log"), "w").close()
         self.result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "python": sys.version.split()[0], "stages": []}
 
@@ -66,22 +69,37 @@ class Check:
             limit_s: float | None = None) -> dict:
         """Run one stage's command with its output in OUT/<name>.log; it is stopped after ``limit_s``
         or at the deadline, whichever comes first."""
-        log_path = os.path.join(self.opts.out, f"{name}.log")
-        print(f"== {name}: {shlex.join(cmd)}", flush=True)
-        start = time.monotonic()
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # its own group: servers it starts die with it
-            try:
-                code = process.wait(timeout=max(min(self.remaining(), limit_s or self.remaining()), 1))
-            except subprocess.TimeoutExpired:
-                _stop(process)
-                code = None
+        return self.run_together({name: (cmd, env)}, limit_s, cwd)[name]
+
+    def run_together(self, commands: dict[str, tuple[list[str], dict | None]], limit_s: float | None = None,
+                     cwd: str = REPO) -> dict[str, dict]:
+        """Run stages at the same time (name: (command, env)), each as ``run`` does."""
+        until = time.monotonic() + min(self.remaining(), limit_s or self.remaining())
+        started = {}
+        for name, (cmd, env) in commands.items():
+            log_path = os.path.join(self.work, f"{name}.log")
+            print(f"== {name}: {shlex.join(cmd)}", flush=True)
+            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+                process = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)  # its own group: servers it starts die with it
+            started[name] = (process, cmd, log_path, time.monotonic())
+        return {name: self._finish(name, *started[name], until) for name in started}
+
+    def _finish(self, name: str, process: subprocess.Popen, cmd: list[str], log_path: str, start: float,
+                until: float) -> dict:
+        try:
+            code = process.wait(timeout=max(until - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            code = None
         stage = {"name": name, "seconds": round(time.monotonic() - start, 1), "returncode": code,
                  "timed_out": code is None, "log": log_path}
+        stage.update({"junit": a[len("--junitxml="):] for a in cmd if a.startswith("--junitxml=")})
         self.result["stages"].append(stage)
+        with open(log_path, errors="replace") as f, open(os.path.join(self.opts.out, "gpu_check.log"), "a") as log:
+            log.write(f"==== {name}: {shlex.join(cmd)}\n{f.read()}\n")  # one file: the device tool returns 8
         print(f"   {name}: {'timed out' if code is None else f'exit {code}'} after {stage['seconds']} s; "
-              f"last lines of {log_path}:\n{_tail(log_path)}", flush=True)
+              f"last lines:\n{_tail(log_path)}", flush=True)
         self.write()
         return stage
 
@@ -126,35 +144,36 @@ class Check:
         self.run("models", [sys.executable, os.path.join(REPO, "scripts", "make_models.py"), self.models],
                  cwd=comfy, env=env)
 
-    def test(self, version: str, comfy: str, limit_s: float) -> dict:
-        junit = os.path.join(self.work, f"junit-{version}.xml")
+    def pytest(self, version: str, marks: str, limit_s: float) -> tuple[list[str], dict]:
+        """The command and environment of the tests marked ``marks`` on one ComfyUI version."""
         front_end = os.path.join(self.work, "front-end")  # servers start without the frontend package
         os.makedirs(front_end, exist_ok=True)
-        env = {**self.env, "COMFYUI_PATH": comfy, "STREAMLOADER_MODELS": self.models,
+        env = {**self.env, "COMFYUI_PATH": self.result["comfyui"][version], "STREAMLOADER_MODELS": self.models,
                "STREAMLOADER_FRONT_END_ROOT": front_end,
-               # No test starts in the last 45 s of the stage: pytest ends in time and writes its report.
-               "STREAMLOADER_TEST_DEADLINE": str(time.time() + limit_s - 45),
+               # No test starts in the last 60 s of the stage: pytest ends in time and writes its report.
+               "STREAMLOADER_TEST_DEADLINE": str(time.time() + limit_s - 60),
                "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(REPO, "scripts"), self.env.get("PYTHONPATH")]))}
-        stage = self.run(f"tests-{version}", [sys.executable, "-m", "pytest", "-p", "pytest_deadline", *TEST_DIRS,
-                                              "-q", "-rfE", f"--junitxml={junit}", *shlex.split(self.opts.pytest_args)],
-                         env=env, limit_s=limit_s)
-        counts = junit_counts(junit) if os.path.exists(junit) else \
-            {"passed": 0, "failed": 1, "skipped": 0, "failures": [f"pytest wrote no report; see {stage['log']}"]}
-        counts.update(seconds=stage["seconds"], timed_out=stage["timed_out"],
-                      stopped_at_deadline="STREAMLOADER_TEST_DEADLINE reached" in _tail(stage["log"], 40))
-        return counts
+        junit = os.path.join(self.work, f"junit-{version}-{marks.replace(' ', '-')}.xml")
+        return [sys.executable, "-m", "pytest", "-p", "pytest_deadline", *TEST_DIRS, "-q", "-rfE", "-m", marks,
+                f"--junitxml={junit}", *shlex.split(self.opts.pytest_args)], env
 
     def tests(self) -> None:
-        by_version, versions = {}, list(self.result["comfyui"].items())
-        for i, (version, comfy) in enumerate(versions):
-            share = (self.remaining() - self.bench_reserve_s()) / (len(versions) - i)  # the rest, split evenly
-            if share < 90:
-                by_version[version] = {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}
-                continue
-            by_version[version] = self.test(version, comfy, share)
-            self.result["tests"] = _totals(by_version)
-            self.write()
-        self.result["tests"] = _totals(by_version)
+        """The suite on each version: all but the `gpu` tests on every version at once (tiny models,
+        that share the device without effect on each other), then the `gpu` tests, which fill the
+        device, one version at a time."""
+        versions = list(self.result["comfyui"])
+        budget = self.remaining() - self.bench_reserve_s()
+        if budget < 120:
+            self.result["tests"] = _totals({v: {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}
+                                            for v in versions})
+            return
+        shared_s = budget * 0.75
+        stages = self.run_together({f"tests-{v}": self.pytest(v, "not gpu", shared_s) for v in versions}, shared_s)
+        for i, version in enumerate(versions):
+            limit = (self.remaining() - self.bench_reserve_s()) / (len(versions) - i)
+            cmd, env = self.pytest(version, "gpu", limit)
+            stages[f"tests-gpu-{version}"] = self.run(f"tests-gpu-{version}", cmd, env=env, limit_s=limit)
+        self.result["tests"] = _totals({v: _merge([stages[f"tests-{v}"], stages[f"tests-gpu-{v}"]]) for v in versions})
 
     def bench_reserve_s(self) -> float:
         return 0 if self.opts.skip_bench else self.opts.bench_reserve_s
@@ -208,6 +227,24 @@ def junit_counts(path: str) -> dict:
             "failures": failures, "properties": properties}
 
 
+def _merge(stages: list[dict]) -> dict:
+    """One version's counts from its stages' JUnit reports (named in their commands)."""
+    out = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "properties": {}, "seconds": 0.0,
+           "timed_out": False, "stopped_at_deadline": False}
+    for stage in stages:
+        junit = stage["junit"]
+        missing = {"passed": 0, "failed": 1, "skipped": 0,
+                   "failures": [f"{stage['name']}: pytest wrote no report (see gpu_check.log)"]}
+        counts = junit_counts(junit) if os.path.exists(junit) else missing
+        for key in ("passed", "failed", "skipped", "failures"):
+            out[key] += counts[key]
+        out["properties"].update(counts.get("properties", {}))
+        out["seconds"] += stage["seconds"]
+        out["timed_out"] |= stage["timed_out"]
+        out["stopped_at_deadline"] |= "STREAMLOADER_TEST_DEADLINE reached" in _tail(stage["log"], 40)
+    return out
+
+
 def _totals(by_version: dict) -> dict:
     keys = ("passed", "failed", "skipped")
     return {**{k: sum(v.get(k, 0) for v in by_version.values()) for k in keys}, "by_comfyui": by_version}
@@ -236,7 +273,8 @@ def main() -> None:
           f"bench: {(check.result.get('bench') or {}).get('json')}", flush=True)
     incomplete = any("not_run" in v or v.get("timed_out") or v.get("stopped_at_deadline")
                      for v in tests["by_comfyui"].values())
-    sys.exit(1 if tests["failed"] or incomplete or any(s["returncode"] != 0 for s in check.result["stages"]) else 0)
+    broken = [s["name"] for s in check.result["stages"] if "junit" not in s and s["returncode"] != 0]
+    sys.exit(1 if tests["failed"] or incomplete or broken else 0)  # tests count by their reports
 
 
 if __name__ == "__main__":

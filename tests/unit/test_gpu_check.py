@@ -25,3 +25,15 @@ def test_totals_add_up_the_versions():
                                 "0.33.0": {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}})
     assert (totals["passed"], totals["failed"], totals["skipped"]) == (3, 1, 2)
     assert set(totals["by_comfyui"]) == {"0.3.75", "0.33.0"}
+
+
+def test_a_versions_stages_are_merged_and_a_missing_report_is_a_failure(tmp_path):
+    (tmp_path / "a.xml").write_text(REPORT)
+    log = tmp_path / "b.log"
+    log.write_text("! Interrupted: STREAMLOADER_TEST_DEADLINE reached: the tests after x did not run !\n")
+    stages = [{"name": "a", "junit": str(tmp_path / "a.xml"), "log": str(log), "seconds": 2.0, "timed_out": False},
+              {"name": "b", "junit": str(tmp_path / "missing.xml"), "log": str(log), "seconds": 1.5,
+               "timed_out": False}]
+    merged = gpu_check._merge(stages)
+    assert (merged["passed"], merged["failed"], merged["skipped"]) == (2, 3, 1)
+    assert merged["stopped_at_deadline"] and merged["seconds"] == 3.5
