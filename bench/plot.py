@@ -60,7 +60,35 @@ def plot(result: dict, path: str) -> None:
     img.save(path)
 
 
+def plot_timeline(result: dict, path: str) -> None:
+    """One streamed step: a lane of copies above a lane of compute, one box per unit, stalls in red."""
+    t = result["timeline"]
+    spans = [*(c[1:3] for c in t["copies"]), *(c[1:3] for c in t["compute"])]
+    t0, t1 = min(s[0] for s in spans), max(max(s[1] for s in spans), t["step_ms"])
+    scale = (W - 2 * MARGIN) / ((t1 - t0) or 1.0)
+    img = Image.new("RGB", (W, 300), "white")
+    draw = ImageDraw.Draw(img)
+    lanes = {"copies": (80, 130, COLORS["comfy_lowvram"]), "compute": (170, 220, COLORS["engine"])}
+    for lane, (top, bottom, color) in lanes.items():
+        draw.text((8, top + 18), lane, fill="black")
+        for span in t[lane]:
+            x0, x1 = MARGIN + (span[1] - t0) * scale, MARGIN + (span[2] - t0) * scale
+            draw.rectangle([x0, top, max(x1, x0 + 1), bottom], fill=color, outline="white")
+            if lane == "compute" and span[3] > 0:  # the compute stream waited for this unit's copy
+                draw.rectangle([x0 - span[3] * scale, top, x0, bottom], fill=(214, 39, 40))
+    for i in range(6):
+        ms = t0 + (t1 - t0) * i / 5
+        draw.text((MARGIN + (ms - t0) * scale - 10, 240), f"{ms:.3g}", fill="black")
+    draw.text((W // 2 - 20, 265), "ms from the step's start", fill="black")
+    title = (f"one step at {t['fraction']:.0%} resident: {t['step_ms']:.1f} ms, stalls (red) {t['stall_ms']:.1f} ms; "
+             f"{result['device']}, {result['date']}")
+    draw.text((MARGIN, 20), title, fill="black")
+    img.save(path)
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         data = json.load(f)
     plot(data, sys.argv[1].rsplit(".", 1)[0] + ".png")
+    if data.get("timeline"):
+        plot_timeline(data, sys.argv[1].rsplit("/", 1)[0] + "/stream_timeline.png")

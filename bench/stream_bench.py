@@ -11,11 +11,14 @@ In one run it measures:
 - this engine with 0, 25, 50 and 75% of the blocks resident (plus the ring);
 - on a GPU, ComfyUI 0.3.75's lowvram path (`ModelPatcher.load(lowvram_model_memory=...)`)
   at the same budgets, so the two are compared at equal measured peak device memory;
-- the physical bound max(resident compute, streamed bytes / pinned host-to-device bandwidth).
+- the physical bound max(resident compute, streamed bytes / pinned host-to-device bandwidth);
+- the plan's predicted step time and its ring bytes per row (the first forward is profiled and
+  re-planned), a timeline of one streamed step (copies and compute per unit, stalls marked),
+  and a compute-bound row: video-length tokens on a few blocks, everything streamed.
 On the CPU the engine runs on the simulated device: the counters, the budget and exactness
 are real, the times are CPU times, and ComfyUI's lowvram path (GPU only) is skipped.
 
-Writes DIR/stream_bench.json and DIR/stream_bench.png.
+Writes DIR/stream_bench.json, DIR/stream_bench.png and DIR/stream_timeline.png.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-mb", type=float, default=None,
                    help="blocks over twice this stream in chunks of about this size (0: whole blocks; default 64)")
     p.add_argument("--reps", type=int, default=5, help="timed forwards per variant (median)")
+    p.add_argument("--timeline-fraction", type=float, default=0.5, help="the row whose step is drawn")
+    p.add_argument("--video-tokens", type=int, default=None,
+                   help="tokens of the compute-bound row (32,760 on a GPU; 0: no such row)")
     return p.parse_args()
 
 
@@ -88,11 +94,12 @@ class Bench:
         config["depth"] = opts.double if opts.double is not None else config["depth"]
         config["depth_single_blocks"] = opts.single if opts.single is not None else config["depth_single_blocks"]
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.config, self.size = config, size
         self.model = self._build(config)
         self.inputs = self._inputs(config, opts.image_tokens or (4096 if size == "flux" else 256),
                                    opts.text_tokens or (512 if size == "flux" else 32))
-        chunk = None if opts.chunk_mb is None else int(opts.chunk_mb * MIB)
-        self.engine = StreamEngine(self.model, self.model, chunk_bytes=chunk)
+        self.chunk = None if opts.chunk_mb is None else int(opts.chunk_mb * MIB)
+        self.engine = StreamEngine(self.model, self.model, chunk_bytes=self.chunk)
         self.result = {
             "date": datetime.date.today().isoformat(), "device": self._device_name(), "torch": torch.__version__,
             "model": {"family": "flux", "size": size, "config": config, "dtype": str(self.dtype),
@@ -207,6 +214,8 @@ class Bench:
             row = self.measure(partial(engine.attach, self.stream_device, budget, opts.depth), lambda: None)
             figures = engine.figures
             per_step = figures.streamed_bytes / max(figures.steps, 1)
+            if fraction == opts.timeline_fraction:
+                self.result["timeline"] = self.timeline(fraction)
             engine.detach()
             bound = max(resident["ms"], per_step / bw * 1e3) if bw else None
             rows.append({"fraction": fraction, "budget_bytes": budget, "ms": row["ms"], "peak_bytes": row["peak_bytes"],
@@ -215,13 +224,52 @@ class Bench:
                          "copy_s_per_step": figures.copy_seconds / max(figures.steps, 1),
                          "stall_s_per_step": figures.stall_seconds / max(figures.steps, 1),
                          "bound_ms": bound, "x_bound": row["ms"] / bound if bound else None, "finite": row["finite"],
+                         "predicted_ms": _ms(figures.predicted_seconds), "ring_bytes": figures.ring_bytes,
                          "max_abs_diff": (row["output"] - reference).abs().max().item()})
             print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
         self.result["engine"] = rows
         engine.close()
         self.result["comfy_lowvram"] = self.comfy_lowvram(rows, reference) if self.cuda else None
         self.result["comparison"] = compare(rows, self.result["comfy_lowvram"])
+        self.result["compute_bound"] = self.compute_bound(bw)
         return self.result
+
+    def timeline(self, fraction: float) -> dict:
+        """One more step of the row at ``fraction``, timed per unit: copies and compute in ms from
+        its start (a copy issued during the step before starts below 0), stalls marked."""
+        self.engine.time_next_step()
+        self.forward()
+        t, names = self.engine.timeline, [u.name for u in self.engine.units]
+        return {"fraction": fraction, "step_ms": t.step_seconds * 1e3, "stall_ms": t.stall_seconds * 1e3,
+                "copies": [[names[s.unit], s.start * 1e3, s.end * 1e3] for s in t.copies],
+                "compute": [[names[s.unit], s.start * 1e3, s.end * 1e3, s.stall * 1e3] for s in t.compute]}
+
+    def compute_bound(self, bw: float | None) -> dict | None:
+        """Video-length tokens on a few blocks, every block streamed: the copies hide behind compute."""
+        tokens = self.opts.video_tokens if self.opts.video_tokens is not None else (32_760 if self.cuda else 1024)
+        if not tokens:
+            return None
+        from loader import StreamEngine
+
+        config = {**self.config, "depth": 2, "depth_single_blocks": 4}
+        text = 512 if self.size == "flux" else 32
+        self.model, self.inputs = self._build(config), self._inputs(config, tokens - text, text)
+        self.engine = engine = StreamEngine(self.model, self.model, chunk_bytes=self.chunk)
+        resident = self.measure(lambda: engine.attach(self.stream_device, None), engine.detach)
+        budget = self.budget(0.0, 2)
+        row = self.measure(partial(engine.attach, self.stream_device, budget), lambda: None)
+        figures = engine.figures
+        per_step = figures.streamed_bytes / max(figures.steps, 1)
+        engine.close()
+        bound = max(resident["ms"], per_step / bw * 1e3) if bw else None
+        out = {"tokens": tokens, "blocks": len(engine.units), "budget_bytes": budget, "resident_ms": resident["ms"],
+               "ms": row["ms"], "peak_bytes": row["peak_bytes"], "x_resident": row["ms"] / resident["ms"],
+               "bound_ms": bound, "x_bound": row["ms"] / bound if bound else None,
+               "predicted_ms": _ms(figures.predicted_seconds), "ring_bytes": figures.ring_bytes,
+               "resident_units": figures.resident_units, "streamed_units": figures.streamed_units,
+               "max_abs_diff": (row["output"] - resident["output"]).abs().max().item()}
+        print(json.dumps({"compute_bound": out}), flush=True)
+        return out
 
     def comfy_lowvram(self, rows: list[dict], reference: torch.Tensor) -> list[dict]:
         """ComfyUI's own partial load (its per-layer casts from pinned weights) at the engine's
@@ -244,6 +292,10 @@ class Bench:
         """Unload, and put the weights back in the host slabs, so every row starts alike."""
         patcher.detach()
         self.engine.restore_host_views(lambda spec: True)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def compare(engine_rows: list[dict], comfy_rows: list[dict] | None) -> list[dict]:
@@ -275,10 +327,12 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from plot import plot
+    from plot import plot, plot_timeline
 
     plot(result, os.path.join(opts.out, "stream_bench.png"))
-    print(f"wrote {path} and stream_bench.png")
+    if result.get("timeline"):
+        plot_timeline(result, os.path.join(opts.out, "stream_timeline.png"))
+    print(f"wrote {path}, stream_bench.png and stream_timeline.png")
 
 
 if __name__ == "__main__":

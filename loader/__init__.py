@@ -1,5 +1,6 @@
 """ComfyUI-StreamLoader's engine: params store, ModelManager, budget, streaming. Imports no ComfyUI."""
 from .budget import resolve_budget
+from .config import StreamConfig
 from .device import Device, device_for
 from .manager import ModelEntry, ModelManager, get_manager
 from .options import GIB, LoadOptions
@@ -10,6 +11,6 @@ from .streaming import StreamEngine, StreamFigures
 
 __all__ = [
     "GIB", "BudgetTooSmallError", "Device", "LazyTensor", "LoadOptions", "ModelEntry", "ModelFileError",
-    "ModelManager", "ParamStore", "Plan", "SafetensorsFile", "StreamEngine", "StreamFigures", "device_for",
+    "ModelManager", "ParamStore", "Plan", "SafetensorsFile", "StreamConfig", "StreamEngine", "StreamFigures", "device_for",
     "get_manager", "plan_residency", "read_header", "resolve_budget",
 ]

@@ -4,13 +4,15 @@ Both keep the same books: every byte the engine places on the device goes throug
 ``allocate``, so ``held_bytes`` and ``peak_bytes`` are what the pack holds and the budget
 is checked against them. The simulated device lets CPU-only machines (and CI) run the
 planner, the ring, prefetch and the budget for real: its "device memory" is a separate
-pool of CPU tensors, and its copies are real copies, so results are bit-identical.
+pool of CPU tensors, and its copies are real copies, so results are bit-identical; its
+times are a virtual clock (copies at a set bandwidth, units at a set compute cost), so the
+schedule of copies and compute is deterministic.
 """
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +20,8 @@ from .options import GIB, bytes_from_env
 from .pinning import CudaPinnedBook, PinnedBook
 
 SIMULATED_CAPACITY_ENV = "STREAMLOADER_SIMULATED_VRAM_GB"
+SIMULATED_BANDWIDTH = 25e9  # bytes/s: a PCIe 4 x16 link's pinned copies
+SIMULATED_COMPUTE_RATE = 50e9  # weight bytes a unit's compute gets through per second
 _UNBOUNDED = 1 << 62
 
 
@@ -41,7 +45,7 @@ class Device:
                 raise torch.OutOfMemoryError(
                     f"{self.kind} device: {nbytes / GIB:.3f} GiB requested, "
                     f"{(self.capacity_bytes - self.held_bytes) / GIB:.3f} GiB free")
-            with torch.inference_mode():  # see streaming._page_aligned_empty
+            with torch.inference_mode():  # see packing.page_aligned_empty
                 tensor = self._empty(nbytes)
             self.held_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
@@ -100,6 +104,22 @@ class Device:
         """An event marking everything compute has queued so far."""
         raise NotImplementedError
 
+    def passed(self, event) -> bool:
+        """Whether the device is past ``event`` (a copy, a mark, a stall token): reading its time
+        will not wait."""
+        raise NotImplementedError
+
+    def mark(self):
+        """A timing mark on the compute stream, for ``elapsed``."""
+        raise NotImplementedError
+
+    def elapsed(self, start, end) -> float:
+        """Seconds of compute between two marks (waits for ``end`` to pass)."""
+        raise NotImplementedError
+
+    def compute(self, name: str, nbytes: int) -> None:
+        """A unit's compute was queued: the simulated device's clock advances; a GPU's ran it."""
+
     def synchronize(self) -> None:
         raise NotImplementedError
 
@@ -108,45 +128,77 @@ class Device:
         raise NotImplementedError
 
 
-class _DoneEvent:
-    """Simulated copies finish before ``copy`` returns; their event carries the duration."""
+@dataclass(frozen=True)
+class _Moment:
+    """A point on the simulated device's virtual clock; a copy's moment also knows its start."""
 
-    def __init__(self, seconds: float = 0.0):
-        self.seconds = seconds
+    seconds: float
+    start: "_Moment | None" = None
 
 
 class SimulatedDevice(Device):
+    """A device on the CPU with a virtual clock: the copies are real (results are bit-identical)
+    but take ``bytes / bandwidth`` on a copy stream of their own, and a unit's compute takes
+    ``compute(name, nbytes)`` seconds on the compute stream, so overlap, stalls and the ring's
+    schedule are deterministic (tests assert on the schedule, never on wall-clock time)."""
+
     kind = "simulated"
 
-    def __init__(self, capacity_bytes: int | None = None, pinned: PinnedBook | None = None):
+    def __init__(self, capacity_bytes: int | None = None, pinned: PinnedBook | None = None,
+                 bandwidth: float = SIMULATED_BANDWIDTH, compute: Callable[[str, int], float] | None = None):
+        """
+        Args:
+            bandwidth: host-to-device bytes per second of a copy.
+            compute: seconds one entry of a unit computes, from its name and bytes (default:
+                its bytes at ``SIMULATED_COMPUTE_RATE`` bytes per second).
+        """
         # Page-locking is bookkeeping here; the cap is enforced all the same.
         super().__init__(torch.device("cpu"), capacity_bytes, pinned or PinnedBook())
+        if bandwidth <= 0:
+            raise ValueError(f"a simulated device needs a positive `bandwidth`, not {bandwidth} bytes/s")
+        self.bandwidth = bandwidth
+        self._compute = compute or (lambda name, nbytes: nbytes / SIMULATED_COMPUTE_RATE)
+        self.now = 0.0  # the compute stream's clock, seconds
+        self.copy_free = 0.0  # when the copy stream is done with what it was given
 
     def _empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def _unregister(self, host: torch.Tensor) -> None:
-        pass
-
     def _copy(self, dst, src, after):
-        start = time.perf_counter()
         dst.copy_(src)
-        return _DoneEvent(time.perf_counter() - start)
+        start = max(self.copy_free, self.now if after is None else after.seconds)
+        self.copy_free = start + src.nbytes / self.bandwidth
+        return _Moment(self.copy_free, _Moment(start))
 
     def wait(self, event):
-        return None  # the copy already ran, in line with compute: the CPU has one stream
+        stall = event.seconds - self.now
+        if stall <= 0:
+            return None
+        self.now = event.seconds
+        return stall
 
     def stall_seconds(self, tokens) -> float:
-        return 0.0
+        return sum(tokens)
 
     def record(self):
-        return _DoneEvent()
+        return _Moment(self.now)
+
+    mark = record
+
+    def passed(self, event) -> bool:
+        return True
+
+    def elapsed(self, start, end) -> float:
+        return end.seconds - start.seconds
+
+    def compute(self, name: str, nbytes: int) -> None:
+        self.now += self._compute(name, nbytes)
 
     def synchronize(self) -> None:
-        pass
+        self.now = max(self.now, self.copy_free)
 
     def copy_seconds(self, events) -> float:
-        return sum(e.seconds for e in events)
+        return sum(e.seconds - e.start.seconds for e in events)
 
 
 class CudaDevice(Device):
@@ -186,6 +238,8 @@ class CudaDevice(Device):
         return before, after
 
     def stall_seconds(self, tokens) -> float:
+        for _, after in tokens[-1:]:
+            after.synchronize()
         return sum(before.elapsed_time(after) for before, after in tokens) / 1000.0
 
     def record(self):
@@ -193,11 +247,25 @@ class CudaDevice(Device):
         event.record(torch.cuda.current_stream(self.torch_device))
         return event
 
+    def passed(self, event) -> bool:
+        return (event[1] if isinstance(event, tuple) else event).query()
+
+    def mark(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.torch_device))
+        return event
+
+    def elapsed(self, start, end) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+
     def synchronize(self) -> None:
         self.copy_stream.synchronize()
         torch.cuda.current_stream(self.torch_device).synchronize()
 
     def copy_seconds(self, events) -> float:
+        for event in events[-1:]:  # copies finish in order: the last one done, all are
+            event.synchronize()
         return sum(e.start.elapsed_time(e) for e in events) / 1000.0
 
 

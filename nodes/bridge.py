@@ -15,7 +15,7 @@ import comfy.sd
 import folder_paths
 import torch
 
-from ..loader import LazyTensor, LoadOptions, ModelEntry, ModelFileError, ParamStore, StreamEngine
+from ..loader import LazyTensor, LoadOptions, ModelEntry, ModelFileError, ParamStore, StreamConfig, StreamEngine
 from .patcher import StreamModelPatcher, adopt, device_bytes
 
 _UNET_DTYPES = {
@@ -115,7 +115,8 @@ def build_diffusion_model(entry: ModelEntry, options: LoadOptions) -> StreamMode
 
 def _attach_engine(entry: ModelEntry, model: StreamModelPatcher, others: list[torch.nn.Module]) -> None:
     """Pack the diffusion model's blocks for streaming, before any weight is read into them."""
-    engine = StreamEngine(model.model, model.model.diffusion_model, entry.store.pending_params())
+    engine = StreamEngine(model.model, model.model.diffusion_model, entry.store.pending_params(),
+                          config=StreamConfig.from_env())
     if engine.units:
         entry.engine = engine
         entry.on_evict.append(engine.close)

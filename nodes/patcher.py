@@ -10,8 +10,6 @@ device bytes as the loaded size, shrinks on ``partially_unload`` and lets go on 
 """
 from __future__ import annotations
 
-import os
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -85,7 +83,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         engine = self.stream_engine
         device = device_for(torch.device(device_to), pinned=ComfyPinnedBook)
         comfy_limit = lowvram_model_memory if 0 < lowvram_model_memory < _NO_LIMIT else None
-        engine.attach(device, self._stream_budget(device, comfy_limit), _prefetch_depth(),
+        engine.attach(device, self._stream_budget(device, comfy_limit), None,  # the engine's StreamConfig
                       comfy.model_management.throw_exception_if_processing_interrupted)
         self.stream_entry.budget_bytes = engine.figures.budget_bytes
         self.model.device = device_to
@@ -143,7 +141,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
             return
         budget = self._stream_budget(placement.device, comfy_limit)
         if budget != placement.plan.budget_bytes:
-            engine.attach(placement.device, budget, placement.plan.prefetch_depth, placement.check_interrupt)
+            engine.attach(placement.device, budget, placement.prefetch_depth, placement.check_interrupt)
             self.stream_entry.budget_bytes = budget
             self.model.model_loaded_weight_memory = engine.held_bytes
 
@@ -189,16 +187,6 @@ _HOST = torch.device("cpu")
 _NO_LIMIT = 1e30  # ComfyUI passes 1e32 for "load it all"
 
 
-def _prefetch_depth() -> int | None:
-    """Blocks copied ahead of the one computing; STREAMLOADER_PREFETCH_DEPTH, or the planner's default."""
-    value = os.environ.get("STREAMLOADER_PREFETCH_DEPTH")
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"STREAMLOADER_PREFETCH_DEPTH must be a whole number of blocks, not {value!r}")
-    return int(value)
-
-
 def _step_of(engine: StreamEngine):
     """The APPLY_MODEL wrapper of a streamed model, bound to its own engine (a closure: clones and
     deep copies of the model options share it): retries an out-of-memory step once, and publishes
@@ -208,6 +196,7 @@ def _step_of(engine: StreamEngine):
         try:
             return _retry_out_of_memory(engine, executor, *args, **kwargs)
         finally:
+            executor.class_obj.model_loaded_weight_memory = engine.held_bytes  # a profiled step may re-plan
             get_manager().publish()
 
     return streamed_step

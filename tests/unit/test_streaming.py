@@ -5,6 +5,7 @@ from torch import nn
 
 from loader import BudgetTooSmallError, StreamEngine, plan_residency
 from loader.blocks import discover_blocks
+from loader.config import StreamConfig
 from loader.device import SimulatedDevice
 from loader.pinning import PinnedBook
 
@@ -58,9 +59,12 @@ def reference(x):
         return make_model()(x)
 
 
-def streamed(budget_fraction, x, steps=3, depth=None, dtype=torch.float32):
+SPREAD = StreamConfig(plan_from_profile=False)  # the plan before a profile, kept for the whole run
+
+
+def streamed(budget_fraction, x, steps=3, depth=None, dtype=torch.float32, config=SPREAD):
     model = make_model(dtype)
-    engine = StreamEngine(model, model)
+    engine = StreamEngine(model, model, config=config)
     device = SimulatedDevice()
     slots = (1 if depth is None else depth) + 1
     budget = engine.fixed_bytes + int(budget_fraction * sum(engine.unit_bytes)) + slots * block_bytes(engine)
