@@ -35,7 +35,7 @@ test: models
 	@$(BOOT); $(BROWSER); COMFYUI_PATH="$$COMFYUI_PATH" STREAMLOADER_MODELS="$(MODELS_DEFAULT)" \
 	  BROWSER_LIBS="$$BROWSER_LIBS" CHROMIUM="$$CHROMIUM" VENV="$$VENV" "$$VENV/bin/python" -m pytest $(PYTEST_ARGS)
 
-# The whole suite (unit, in-process, server) on upstream ComfyUI, unpacked from the tarball into the
+# The whole suite (unit, in-process, server, browser) on upstream ComfyUI, unpacked from the tarball into the
 # cache with its own venv (`scripts/bootstrap.sh upstream`). torchaudio has no wheel for torch
 # 2.14.1, so tests/stubs (an import stub: imports succeed, any use raises) is on PYTHONPATH, for
 # pytest and the servers it starts; a pinned older torch with its torchaudio would test another
