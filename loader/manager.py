@@ -9,9 +9,10 @@ disk and copied host-to-device, for the stats route and the nodes' figures.
 Thread contract. ComfyUI runs one prompt worker thread beside its aiohttp event loop.
 Engines, placements and the manager's entries are touched only by the prompt worker (the
 thread that builds them; ``loader/threads.py`` checks it in tests). The event loop only reads
-the immutable snapshot the worker publishes (``snapshot()``: at each load, at each streamed
-step's end, after each prompt and at each release) and posts requests (``request_release()``),
-which the worker applies between prompts (``apply_requests()``), as core applies ``/free``.
+the immutable snapshot the worker publishes (``snapshot()``: at each load, at a streamed
+run's start and each step's end, after each prompt and at each release) and posts requests
+(``request_release()``), which the worker applies between prompts (``apply_requests()``), as
+core applies ``/free``.
 A request answers at once with what it will release; one that arrives mid-run leaves that run
 untouched and is applied when it ends. The worker picks requests up where core reads its
 ``/free`` flags: nodes/routes.py wraps the queue's ``get_flags``, which the worker calls after

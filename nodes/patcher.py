@@ -123,6 +123,7 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
             result = super().partially_load(device_to, extra_memory, force_patch_weights)
             self._reclamp(held + extra_memory if 0 < extra_memory < _NO_LIMIT else None)
             engine.begin_run()
+            get_manager().publish()  # the stats show this run's figures from its start, not the last run's
             return result
         # LoadedModel.model_load asks for `extra_memory` more bytes on the device; the budget caps it.
         budget = self.budget_bytes(device_to)
