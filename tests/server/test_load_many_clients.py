@@ -158,7 +158,7 @@ def test_many_clients_at_once(load_server, comfy_device):
           f"stats latency idle {_summary(idle)}, during the eager load {_summary(during_load)}")
     assert held["host_resident_bytes"] >= 1.5 * GIB and load_reads >= 1.5 * GIB
     assert len(during_load) >= 20 and not pollers.errors, pollers.errors[:5]
-    idle_rss(server)
+    print(f"load test: RSS {rss_before >> 20} MiB before the eager load, {idle_rss(server) >> 20} MiB after it")
 
     records = []
     with Pollers(server) as pollers:  # phase 2: streamed runs, releases and interrupts at random moments
