@@ -84,9 +84,10 @@ class Bench:
         self.opts = opts
         self.cuda = torch.cuda.is_available()
         self.comfy = import_comfy(opts.comfy, cpu=not self.cuda)
-        from loader import StreamEngine, device_for
+        from loader import StreamEngine, device_for, shapes_of
         from loader.device import SimulatedDevice
 
+        self.shapes_of = shapes_of
         self.device = torch.device("cuda") if self.cuda else torch.device("cpu")
         self.stream_device = device_for(self.device) if self.cuda else SimulatedDevice()
         size = opts.size or ("flux" if self.cuda else "small")
@@ -137,7 +138,7 @@ class Bench:
 
     def forward(self) -> torch.Tensor:
         x, t, context, y, guidance = self.inputs
-        with torch.inference_mode():
+        with torch.inference_mode(), self.engine.step(self.shapes_of((x, t, context), {"y": y})):
             return self.model(x, t, context, y=y, guidance=guidance)
 
     def timed(self) -> tuple[float, torch.Tensor]:

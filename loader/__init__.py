@@ -7,10 +7,10 @@ from .options import GIB, LoadOptions
 from .params import LazyTensor, ParamStore
 from .planner import BudgetTooSmallError, Plan, plan_residency
 from .safetensors_file import ModelFileError, SafetensorsFile, read_header
-from .streaming import StreamEngine, StreamFigures
+from .streaming import StreamEngine, StreamFigures, shapes_of
 
 __all__ = [
     "GIB", "BudgetTooSmallError", "Device", "LazyTensor", "LoadOptions", "ModelEntry", "ModelFileError",
     "ModelManager", "ParamStore", "Plan", "SafetensorsFile", "StreamConfig", "StreamEngine", "StreamFigures", "device_for",
-    "get_manager", "plan_residency", "read_header", "resolve_budget",
+    "get_manager", "plan_residency", "read_header", "resolve_budget", "shapes_of",
 ]

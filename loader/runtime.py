@@ -67,13 +67,14 @@ class _StepTimer:
         """The step's profile (None without copies to measure the bandwidth) and its timeline."""
         end, device = self.device.mark(), self.device
         since = lambda mark: device.elapsed(self.start, mark)  # noqa: E731
+        step_seconds = since(end)  # first: every mark of the step has passed once the last one has
         # An entry lasts from after its copy wait to the next entry's wait: the compute between
         # units (attention between a block's chunks) counts with the unit before it.
         ends = self.before[1:] + [end]
         compute = tuple(Span(u, since(a), since(b), device.elapsed(w, a)) for u, w, a, b in
                         zip(order, self.before, self.after, ends))
         copied = tuple(Span(u, since(e.start), since(e)) for u, e in copies)
-        timeline = Timeline(since(end), copied, compute)
+        timeline = Timeline(step_seconds, copied, compute)
         if not compute or timeline.copy_seconds <= 0:
             return None, timeline
         return Profile(tuple(u.nbytes for u in units), tuple(order), tuple(s.end - s.start for s in compute),

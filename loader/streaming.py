@@ -4,15 +4,17 @@ At build time each block's parameters (or each chunk's, for large blocks) are pa
 host slab (``packing.py``). ``attach`` places the model under a VRAM budget: the planner keeps
 the weights outside the blocks and a share of the units resident (``planner.py``), the rest is
 copied into a ring of R bytes during each step (``placement.py``, ``runtime.py``), in the call
-order learned from the last step (``order.py``). The first streamed step at an activation
-shape is profiled (``profile.py``); from then on the plan that minimises the simulated step
-time (``simulator.py``) replaces the spread plan.
+order learned from the last step (``order.py``). A step is bracketed by ``step()`` (in ComfyUI,
+by the patcher's model-function wrapper). The first streamed step at an activation shape is
+profiled (``profile.py``); from then on the plan that minimises the simulated step time
+(``simulator.py``) replaces the spread plan.
 
 Copies are byte copies of the stored dtype: streamed output is bit-identical to resident
 output, and dtype casts (fp8 → bf16 ...) happen on the device, in the model's own ops.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from .threads import owned_by_one_thread
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineSnapshot", "StreamConfig", "StreamEngine", "StreamFigures", "TensorSpec", "Unit"]
+__all__ = ["EngineSnapshot", "StreamConfig", "StreamEngine", "StreamFigures", "TensorSpec", "Unit", "shapes_of"]
 
 
 @owned_by_one_thread
@@ -48,7 +50,7 @@ class StreamEngine:
         """
         Args:
             root: the module ComfyUI loads (its tensors outside the blocks stay resident).
-            blocks_root: the diffusion model whose blocks stream; each of its forwards is a step.
+            blocks_root: the diffusion model whose blocks stream.
             pending: ids of parameters the params store has not read yet (not copied when packing).
             chunk_bytes: overrides ``config.chunk_bytes`` (0: whole blocks).
             config: how to stream (built once at the node edge, with the environment's overrides).
@@ -187,34 +189,60 @@ class StreamEngine:
                     unit.pinned_on.unpin(unit.slab)
                     unit.pinned_on = None
 
+    @contextlib.contextmanager
+    def step(self, key: tuple = ()):
+        """Bracket one step, one forward of the diffusion model at activation shapes ``key``
+        (``shapes_of`` its inputs): the units entered between learn the call order, a new shape
+        is profiled, and the step ends in a ``finally``, since an interrupt may be a
+        BaseException. Nothing to do while detached.
+
+        The placement may change inside (an out-of-memory retry re-places the model): the one in
+        place when the step ends ends it.
+        """
+        if self.attached is None:
+            yield
+            return
+        profiling, timed, self._time_next = self._profiles_at(key), self._time_next, False
+        self.attached.runtime.begin_step(timed=profiling or timed and self.attached.runtime.ring is not None)
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            placement = self.attached
+            profile, timeline = placement.end_step(completed, key) if placement is not None else (None, None)
+            if completed and placement is not None:
+                self.step_ended(key, profile if profiling else None, timeline)
+
     def time_next_step(self) -> None:
         """Time the next step's copies and compute per unit (``timeline``), profiled or not."""
         self._time_next = True
 
     def step_ended(self, key: tuple, profile: Profile | None, timeline: Timeline | None) -> None:
-        """After a completed step at activation shapes ``key``: keep its profile and timeline, and
-        re-place the model when the plan for the measured costs differs from the one in place."""
+        """After a completed step at activation shapes ``key``: keep its timeline and, when it was
+        profiled, its profile, and re-place the model when the plan for the measured costs differs
+        from the one in place."""
         self._last_key, self.timeline = key, timeline or self.timeline
         placement = self.attached
-        if profile is not None:
-            self.profiles[key] = profile
-        profile = self.profiles.get(key) if self._plans_from_profiles(placement.prefetch_depth) else None
-        if profile is None or placement.planned_for is profile:
+        if profile is None:  # a shape profiled before keeps the plan in place: shapes that alternate
+            return  # within a run (a conditional and an unconditional call) must not re-place each step
+        self.profiles[key] = profile
+        if not self._plans_from_profiles(placement.prefetch_depth):
             return
         plan = plan_for_profile(profile, placement.plan.budget_bytes)
         if plan.resident == placement.plan.resident and plan.ring_bytes == placement.plan.ring_bytes:
-            placement.plan, placement.planned_for = plan, profile  # the same placement, now with a prediction
+            placement.plan = plan  # the same placement, now with a prediction
             self._figures.predicted_seconds = plan.predicted_seconds
             return
         log.info("StreamLoader: step profiled at %s: %d units resident, a ring of %.1f MiB, %.1f ms predicted",
                  key, len(plan.resident), plan.ring_bytes / 2**20, 1e3 * plan.predicted_seconds)
         self._replace(placement.device, placement.plan.budget_bytes, plan)
 
-    def times_step(self, key: tuple) -> bool:
-        """Whether the step about to run at ``key`` is timed: asked for, or a shape not yet profiled."""
-        placement, asked, self._time_next = self.attached, self._time_next, False
-        streams = placement is not None and placement.runtime.ring is not None
-        return streams and (asked or key not in self.profiles and self._plans_from_profiles(placement.prefetch_depth))
+    def _profiles_at(self, key: tuple) -> bool:
+        """Whether the step about to run at ``key`` is profiled: it streams, at a shape not yet profiled."""
+        placement = self.attached
+        return placement.runtime.ring is not None and key not in self.profiles and \
+            self._plans_from_profiles(placement.prefetch_depth)
 
     def _plans_from_profiles(self, depth: int | None) -> bool:
         """Profiled plans replace the spread plan unless a prefetch depth fixes the ring or the config says no."""
@@ -248,14 +276,13 @@ class StreamEngine:
 
 @owned_by_one_thread
 class _Placement:
-    """One attach: the plan's device memory, the step runtime over it, and the step bracket."""
+    """One attach: the plan's device memory and the step runtime over it."""
 
     def __init__(self, engine: StreamEngine, device: Device, plan: Plan,
                  fixed: list[tuple[nn.Module, str, torch.Tensor, bool]], prefetch_depth: int | None,
                  check_interrupt: Callable[[], None] | None, order: list[int] | None):
         self.engine, self.device, self.plan = engine, device, plan
         self.prefetch_depth, self.check_interrupt = prefetch_depth, check_interrupt
-        self.planned_for = engine.profiles.get(engine._last_key) if plan.predicted_seconds is not None else None
         self.memory = DeviceMemory(engine.units, fixed, device, plan)
         try:
             self.runtime = StepRuntime(engine.units, self.memory, order or list(range(len(engine.units))),
@@ -263,8 +290,6 @@ class _Placement:
         except BaseException:
             self.memory.close()
             raise
-        self.root_forward = engine.blocks_root.__dict__.get("forward")  # an instance override to restore
-        self._bracket_root_forward()
 
     @property
     def held_bytes(self) -> int:
@@ -291,36 +316,10 @@ class _Placement:
 
     def close(self) -> None:
         self.runtime.close()
-        root = self.engine.blocks_root
-        if self.root_forward is not None:
-            root.forward = self.root_forward
-        else:
-            root.__dict__.pop("forward", None)
         self.memory.close()
 
-    def _bracket_root_forward(self) -> None:
-        """Each forward of the diffusion model is a step, ended in a ``finally``: a forward hook
-        would miss interrupts, which newer ComfyUI raises as a BaseException (torch runs
-        ``always_call`` hooks for Exceptions only)."""
-        engine, original = self.engine, self.engine.blocks_root.forward
 
-        def forward(*args, **kwargs):
-            key = _shapes(args, kwargs)
-            self.runtime.begin_step(timed=engine.times_step(key))
-            completed = False
-            try:
-                out = original(*args, **kwargs)
-                completed = True
-                return out
-            finally:
-                profile, timeline = self.end_step(completed, key)
-                if completed:
-                    engine.step_ended(key, profile, timeline)
-
-        engine.blocks_root.forward = forward
-
-
-def _shapes(args: tuple, kwargs: dict) -> tuple:
+def shapes_of(args: tuple, kwargs: dict) -> tuple:
     """The activation shapes of a step's inputs (resolution, batch, frames): a profile's key."""
     tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
     return tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor))

@@ -16,7 +16,7 @@ import comfy.utils
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..loader import Device, LoadOptions, ModelEntry, StreamEngine, device_for, get_manager, resolve_budget
+from ..loader import Device, LoadOptions, ModelEntry, StreamEngine, device_for, get_manager, resolve_budget, shapes_of
 from .pinning import ComfyPinnedBook
 
 
@@ -190,12 +190,14 @@ _NO_LIMIT = 1e30  # ComfyUI passes 1e32 for "load it all"
 
 def _step_of(engine: StreamEngine):
     """The APPLY_MODEL wrapper of a streamed model, bound to its own engine (a closure: clones and
-    deep copies of the model options share it): retries an out-of-memory step once, and publishes
+    deep copies of the model options share it): brackets the engine's step (``engine.step``, keyed
+    by the activation shapes), retries an out-of-memory step once, and publishes
     the stats snapshot when the step ends (the thread contract in loader/manager.py)."""
 
     def streamed_step(executor, *args, **kwargs):
         try:
-            return _retry_out_of_memory(engine, executor, *args, **kwargs)
+            with engine.step(shapes_of(args, kwargs)):  # one model call is one streamed step
+                return _retry_out_of_memory(engine, executor, *args, **kwargs)
         finally:
             executor.class_obj.model_loaded_weight_memory = engine.held_bytes  # a profiled step may re-plan
             get_manager().publish()

@@ -55,8 +55,12 @@ def test_budget_below_the_minimum_fails_before_sampling_and_the_server_keeps_ser
 
 def test_interrupt_during_a_streamed_run_then_the_next_run_is_exact(server, reference):
     rerun(server, streamed())  # loaded and attached: the long run below streams from its first step
-    prompt_id = server.post("/prompt", {"prompt": streamed(steps=400)})["prompt_id"]
-    _wait(lambda: stream_stats(server)["steps"] >= 3, "the long run to take a few steps")
+    # Another budget (the model is placed again when the run loads, before its first step) tells
+    # this run's stats from the last run's: an interrupt sent before the prompt starts executing
+    # is cleared by ComfyUI, and the stats show the last run's steps until this one loads.
+    long_budget_gb = BUDGET_GB + 0.01
+    prompt_id = server.post("/prompt", {"prompt": streamed(long_budget_gb, steps=400)})["prompt_id"]
+    _wait(lambda: _took_steps(server, long_budget_gb, 3), "the long run to take a few steps")
     server.post("/interrupt", {})
     _wait(lambda: (server.get(f"/history/{prompt_id}").get(prompt_id) or {}).get("status", {})
           .get("completed") is not None, "the interrupted run to end")
@@ -67,6 +71,12 @@ def test_interrupt_during_a_streamed_run_then_the_next_run_is_exact(server, refe
     free(server)
     read, record = disk_read(server, streamed())
     assert read == 0 and image_digest(server, record) == reference
+
+
+def _took_steps(server, budget_gb: float, steps: int) -> bool:
+    """Whether the run placed under ``budget_gb`` has taken ``steps`` streamed steps."""
+    figures = stream_stats(server)
+    return figures["budget_bytes"] == int(round(budget_gb * GIB)) and figures["steps"] >= steps
 
 
 def _wait(condition, what: str, timeout: float = 120.0) -> None:

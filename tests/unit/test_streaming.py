@@ -59,6 +59,12 @@ def reference(x):
         return make_model()(x)
 
 
+def stepped(engine, model, x):
+    """One step: a forward of the model, bracketed as ComfyUI's model-function wrapper does."""
+    with engine.step((tuple(x.shape),)):
+        return model(x)
+
+
 SPREAD = StreamConfig(plan_from_profile=False)  # the plan before a profile, kept for the whole run
 
 
@@ -70,7 +76,7 @@ def streamed(budget_fraction, x, steps=3, depth=None, dtype=torch.float32, confi
     budget = engine.fixed_bytes + int(budget_fraction * sum(engine.unit_bytes)) + slots * block_bytes(engine)
     plan = engine.attach(device, budget, depth)
     with torch.inference_mode():
-        outs = [model(x.to(dtype)) for _ in range(steps)]
+        outs = [stepped(engine, model, x.to(dtype)) for _ in range(steps)]
     return model, engine, device, plan, outs
 
 
@@ -136,7 +142,7 @@ def test_one_slot_budget_streams_synchronously(x, reference):
     engine = StreamEngine(model, model)
     plan = engine.attach(SimulatedDevice(), engine.fixed_bytes + block_bytes(engine) * 3 // 2)
     with torch.inference_mode():
-        assert torch.equal(model(x), reference)
+        assert torch.equal(stepped(engine, model, x), reference)
     assert plan.slots == 1 and plan.prefetch_depth == 0
 
 
@@ -163,12 +169,12 @@ def test_interrupt_mid_step_leaves_nothing_in_flight(x, reference):
     budget = engine.fixed_bytes + 3 * block_bytes(engine)
     engine.attach(device, budget, check_interrupt=interrupt_on_third_block)
     with torch.inference_mode(), pytest.raises(Interrupted):
-        model(x)
+        stepped(engine, model, x)
     snapshot = engine.snapshot()
     assert snapshot.attached and not snapshot.entered and not snapshot.held
     assert device.held_bytes <= budget
     with torch.inference_mode():
-        assert torch.equal(model(x), reference)
+        assert torch.equal(stepped(engine, model, x), reference)
 
 
 def test_shrink_frees_device_memory_and_stays_exact(x, reference):
@@ -177,7 +183,7 @@ def test_shrink_frees_device_memory_and_stays_exact(x, reference):
     freed = engine.shrink(2 * block_bytes(engine))
     assert freed >= 2 * block_bytes(engine) and device.held_bytes == held - freed
     with torch.inference_mode():
-        assert torch.equal(model(x), reference)
+        assert torch.equal(stepped(engine, model, x), reference)
 
 
 def test_out_of_memory_retry_plans_smaller(x):
@@ -300,10 +306,10 @@ def test_chunks_of_a_block_stream_each_once_per_step():
     engine.attach(SimulatedDevice(), engine.fixed_bytes + 2 * max(engine.unit_bytes))
     with torch.inference_mode():
         for _ in range(2):  # the first step learns the order (`a` entered twice); the second starts from it
-            assert torch.equal(model(x), expected)
+            assert torch.equal(stepped(engine, model, x), expected)
         before = engine.figures.streamed_bytes
         for _ in range(3):
-            assert torch.equal(model(x), expected)
+            assert torch.equal(stepped(engine, model, x), expected)
     assert engine.figures.streamed_bytes - before == 3 * sum(engine.unit_bytes), "no chunk copied twice a step"
 
 
@@ -318,4 +324,4 @@ def test_blocks_over_twice_the_chunk_size_stream_in_chunks(x, reference):
     plan = split.attach(SimulatedDevice(), split.fixed_bytes + 2 * max(split.unit_bytes))
     assert plan.minimum_bytes < split.fixed_bytes + block, "smaller units lower the minimum budget"
     with torch.inference_mode():
-        assert torch.equal(model(x), reference)
+        assert torch.equal(stepped(split, model, x), reference)

@@ -66,23 +66,31 @@ def device():
     return SimulatedDevice(bandwidth=BANDWIDTH, compute=compute_seconds)
 
 
-def run(model, x, steps):
+def run(model, x, steps, engine=None):
+    """``steps`` forwards, each a step of ``engine`` (bracketed as ComfyUI's model-function wrapper does)."""
     with torch.inference_mode():
-        return [model(x) for _ in range(steps)]
+        return [_step(engine, model, x) for _ in range(steps)]
+
+
+def _step(engine, model, x):
+    if engine is None:
+        return model(x)
+    with engine.step((tuple(x.shape),)):
+        return model(x)
 
 
 def test_chunks_are_copied_in_call_order_after_the_first_step(model, x):
     (expected,) = run(model, x, 1)
     engine = chunked(model, StreamConfig(plan_from_profile=False))
     engine.attach(device(), engine.fixed_bytes + 3 * max(engine.unit_bytes))
-    assert all(torch.equal(out, expected) for out in run(model, x, 2))
+    assert all(torch.equal(out, expected) for out in run(model, x, 2, engine))
     snapshot = engine.snapshot()
     called = [f"blocks.{b}[{k}]" for b in range(6) for k in (2, 0, 1)]  # modulation, up, down: as called
     order = snapshot.order
     assert order == tuple(name for name in called if name not in snapshot.resident)
     assert "blocks.0[2]" in order or "blocks.1[2]" in order, "a modulation streams: the order is tested"
     before = engine.figures.streamed_bytes
-    run(model, x, 2)
+    run(model, x, 2, engine)
     per_step = sum(engine.unit_bytes[i] for i in range(len(engine.units)) if engine.units[i].name in order)
     assert engine.figures.streamed_bytes - before == 2 * per_step, "no copy dropped on a wrong guess"
 
@@ -101,7 +109,7 @@ def test_the_ring_holds_as_many_small_units_as_its_bytes_allow(model, x):
     engine = chunked(model, StreamConfig(plan_from_profile=False))
     plan = engine.attach(device(), engine.fixed_bytes + 3 * max(engine.unit_bytes), prefetch_depth=2)
     assert plan.slots == 3 and not plan.resident
-    run(model, x, 2)
+    run(model, x, 2, engine)
     snapshot = engine.snapshot()
     held = [u.nbytes for u in engine.units if u.name in snapshot.queued]
     assert len(held) > plan.slots and sum(held) <= plan.ring_bytes, "extents, not slots of the largest unit"
@@ -113,7 +121,7 @@ def test_a_profiled_step_replaces_the_spread_plan_and_stays_exact(model, x):
     budget = engine.fixed_bytes + sum(engine.unit_bytes) // 2
     spread = engine.attach(dev := device(), budget)
     assert spread.predicted_seconds is None and not engine.snapshot().profiled
-    assert all(torch.equal(out, expected) for out in run(model, x, 3))
+    assert all(torch.equal(out, expected) for out in run(model, x, 3, engine))
     (key,) = engine.snapshot().profiled
     assert key == ((4, 8),)
     profile = engine.profiles[key]
@@ -126,7 +134,7 @@ def test_a_profiled_step_replaces_the_spread_plan_and_stays_exact(model, x):
     assert dev.peak_bytes <= budget and engine.held_bytes == planned.device_bytes(engine.unit_bytes)
     # A new activation shape is profiled again, and the output is still exact.
     x2 = torch.randn(2, 8)
-    (streamed2,) = run(model, x2, 1)
+    (streamed2,) = run(model, x2, 1, engine)
     assert set(engine.snapshot().profiled) == {key, ((2, 8),)}
     engine.detach()
     assert torch.equal(streamed2, run(model, x2, 1)[0])
@@ -137,12 +145,44 @@ def test_the_virtual_clock_runs_the_simulated_schedule(model, x):
     engine = chunked(model)
     budget = engine.fixed_bytes + sum(engine.unit_bytes) // 3
     engine.attach(device(), budget)
-    run(model, x, 2)  # a profiled step, then one on the measured plan
+    run(model, x, 2, engine)  # a profiled step, then one on the measured plan
     engine.begin_run()
-    run(model, x, 3)
+    run(model, x, 3, engine)
     figures = engine.figures
     plan, profile = engine.attached.plan, engine.profiles[((4, 8),)]
     predicted = simulate(profile, plan.resident, plan.ring_bytes).step_seconds
     assert figures.step_seconds / 3 == pytest.approx(predicted, rel=0.02)
     assert figures.stall_seconds >= 0 and figures.copy_seconds == pytest.approx(
         3 * sum(engine.unit_bytes[i] for i in range(len(engine.units)) if i not in plan.resident) / BANDWIDTH)
+
+
+def test_shapes_that_alternate_are_profiled_once_each_and_do_not_re_place_every_step(model, x):
+    """A conditional and an unconditional call of different shapes alternate within a run."""
+    engine = chunked(model)
+    engine.attach(device(), engine.fixed_bytes + sum(engine.unit_bytes) // 2)
+    x2 = torch.randn(2, 8)
+    for _ in range(2):
+        run(model, x, 1, engine)
+        run(model, x2, 1, engine)
+    placement = engine.attached
+    for _ in range(2):
+        run(model, x, 1, engine)
+        run(model, x2, 1, engine)
+    assert engine.attached is placement and len(engine.profiles) == 2
+
+
+def test_a_timed_step_gives_its_timeline_and_keeps_the_plan(model, x):
+    engine = chunked(model)
+    engine.attach(device(), engine.fixed_bytes + sum(engine.unit_bytes) // 3)
+    run(model, x, 2, engine)
+    placement, profile = engine.attached, engine.profiles[((4, 8),)]
+    engine.time_next_step()
+    run(model, x, 1, engine)
+    timeline = engine.timeline
+    assert engine.attached is placement and engine.profiles[((4, 8),)] is profile, "a timeline is no new profile"
+    assert [s.unit for s in timeline.compute] == list(profile.order), "one span per entry, in call order"
+    streamed = [i for i in range(len(engine.units)) if i not in placement.plan.resident]
+    assert sorted(s.unit for s in timeline.copies) == sorted(streamed), "each streamed unit copied once"
+    assert all(c.end - c.start == pytest.approx(engine.unit_bytes[c.unit] / BANDWIDTH) for c in timeline.copies)
+    spans = timeline.compute
+    assert all(a.end <= b.start - b.stall + 1e-12 for a, b in zip(spans, spans[1:])), "compute is serial"
