@@ -24,6 +24,7 @@ until the request is applied.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -242,6 +243,8 @@ class ModelManager:
             pending, self._pending = self._pending, []
         for request in pending:
             released = self._release_all()
+            if released:  # models sit in reference cycles: free them now, not at the next collection
+                gc.collect()
             log.info("StreamLoader: release %d dropped %d models", request.id, len(released))
             self._applied.append({"id": request.id, "requested_at": request.requested_at,
                                   "applied_at": time.time(), "released": released})

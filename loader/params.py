@@ -12,6 +12,7 @@ own host memory when the dtypes match.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ import torch
 
 from .safetensors_file import ModelFileError, SafetensorsFile, TensorEntry
 
-_READ_THREADS = 8
+# Readers of an eager load: up to 8 (page-cache reads scale to about that many), leaving one
+# core to ComfyUI's event loop and prompt worker, so the server keeps answering during a load.
+_READ_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))
 
 # Tensor functions that only look at metadata; everything else needs the bytes.
 _METADATA_FUNCTIONS = {
