@@ -10,12 +10,13 @@ from aiohttp import web
 from ..loader import get_manager
 
 _FLAG = "streamloader_requests"
+STATS_EVENT = "streamloader.stats"  # sent when the worker has published a new snapshot
 _NUDGE_S = 0.05
 
 
 def register(server) -> None:
     routes = server.routes
-    apply_between_prompts(server.prompt_queue)
+    apply_between_prompts(server)
     # A full collection of Python's cyclic garbage walks every object of the process: about
     # 235 ms for the 0.5 M objects of a ComfyUI server on the test machine, with the GIL held,
     # so the event loop stood still whenever a model build triggered one. The objects made at
@@ -47,11 +48,13 @@ async def _wake_until_applied(queue, request_id: int) -> None:
         await asyncio.sleep(_NUDGE_S)
 
 
-def apply_between_prompts(queue) -> None:
-    """Apply the pack's requests on the prompt worker, in the call that reads core's flags.
+def apply_between_prompts(server) -> None:
+    """Apply the pack's requests on the prompt worker, in the call that reads core's flags, then
+    tell the editor the snapshot changed (its run-end events come before this publish).
 
     The worker calls ``queue.get_flags()`` after every prompt and every wake-up; core's
     ``reset=True`` empties the flag dict, so the requests are applied in that same call."""
+    queue = server.prompt_queue
     core_get_flags = queue.get_flags
 
     def get_flags(reset=True):
@@ -59,6 +62,7 @@ def apply_between_prompts(queue) -> None:
         if reset:
             flags.pop(_FLAG, None)
             get_manager().apply_requests()
+            server.send_sync(STATS_EVENT, {}, None)
         return flags
 
     queue.get_flags = get_flags

@@ -1,6 +1,7 @@
 // The StreamLoader sidebar tab: what the ModelManager holds (GET /streamloader/stats), a
 // residency strip per streamed model, the process totals and a Release button
-// (POST /streamloader/release). It refreshes when a run ends or the queue changes, never on a timer.
+// (POST /streamloader/release). It refreshes when a run ends, the queue changes or the server
+// publishes new stats (the streamloader.stats event), never on a timer.
 import { api } from "../../scripts/api.js";
 
 const MIB = 1024 ** 2;
@@ -84,7 +85,9 @@ export class Panel {
     release.title = "Drop every model StreamLoader holds (POST /streamloader/release)";
     release.onclick = () => this.release();
     this.root.append(el("h3", "", "StreamLoader"), release, this.body);
-    for (const event of ["execution_success", "execution_error", "execution_interrupted", "status"]) {
+    // streamloader.stats: the worker published the snapshot of a run that just ended.
+    for (const event of ["execution_success", "execution_error", "execution_interrupted", "status",
+                         "streamloader.stats"]) {
       api.addEventListener(event, () => this.refresh());
     }
   }
