@@ -235,12 +235,14 @@ class Bench:
         self.result["compute_bound"] = self.compute_bound(bw)
         return self.result
 
-    def timeline(self, fraction: float) -> dict:
+    def timeline(self, fraction: float) -> dict | None:
         """One more step of the row at ``fraction``, timed per unit: copies and compute in ms from
         its start (a copy issued during the step before starts below 0), stalls marked."""
         self.engine.time_next_step()
         self.forward()
         t, names = self.engine.timeline, [u.name for u in self.engine.units]
+        if t is None:  # nothing streams at this budget
+            return None
         return {"fraction": fraction, "step_ms": t.step_seconds * 1e3, "stall_ms": t.stall_seconds * 1e3,
                 "copies": [[names[s.unit], s.start * 1e3, s.end * 1e3] for s in t.copies],
                 "compute": [[names[s.unit], s.start * 1e3, s.end * 1e3, s.stall * 1e3] for s in t.compute]}
@@ -333,7 +335,7 @@ def main() -> None:
     plot(result, os.path.join(opts.out, "stream_bench.png"))
     if result.get("timeline"):
         plot_timeline(result, os.path.join(opts.out, "stream_timeline.png"))
-    print(f"wrote {path}, stream_bench.png and stream_timeline.png")
+    print(f"wrote {path}, stream_bench.png" + (" and stream_timeline.png" if result.get("timeline") else ""))
 
 
 if __name__ == "__main__":

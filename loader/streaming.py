@@ -203,6 +203,8 @@ class StreamEngine:
             yield
             return
         profiling, timed, self._time_next = self._profiles_at(key), self._time_next, False
+        if timed:
+            self.timeline = None  # this step's, or none when nothing streams
         self.attached.runtime.begin_step(timed=profiling or timed and self.attached.runtime.ring is not None)
         completed = False
         try:
@@ -212,13 +214,13 @@ class StreamEngine:
             placement = self.attached
             profile, timeline = placement.end_step(completed, key) if placement is not None else (None, None)
             if completed and placement is not None:
-                self.step_ended(key, profile if profiling else None, timeline)
+                self._step_ended(key, profile if profiling else None, timeline)
 
     def time_next_step(self) -> None:
         """Time the next step's copies and compute per unit (``timeline``), profiled or not."""
         self._time_next = True
 
-    def step_ended(self, key: tuple, profile: Profile | None, timeline: Timeline | None) -> None:
+    def _step_ended(self, key: tuple, profile: Profile | None, timeline: Timeline | None) -> None:
         """After a completed step at activation shapes ``key``: keep its timeline and, when it was
         profiled, its profile, and re-place the model when the plan for the measured costs differs
         from the one in place."""

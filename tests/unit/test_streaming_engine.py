@@ -89,6 +89,8 @@ def test_chunks_are_copied_in_call_order_after_the_first_step(model, x):
     order = snapshot.order
     assert order == tuple(name for name in called if name not in snapshot.resident)
     assert "blocks.0[2]" in order or "blocks.1[2]" in order, "a modulation streams: the order is tested"
+    assert snapshot.queued and snapshot.queued == order[:len(snapshot.queued)], \
+        "the next step's first units are copied during this step's tail"
     before = engine.figures.streamed_bytes
     run(model, x, 2, engine)
     per_step = sum(engine.unit_bytes[i] for i in range(len(engine.units)) if engine.units[i].name in order)
