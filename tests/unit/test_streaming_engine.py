@@ -188,3 +188,21 @@ def test_a_timed_step_gives_its_timeline_and_keeps_the_plan(model, x):
     assert all(c.end - c.start == pytest.approx(engine.unit_bytes[c.unit] / BANDWIDTH) for c in timeline.copies)
     spans = timeline.compute
     assert all(a.end <= b.start - b.stall + 1e-12 for a, b in zip(spans, spans[1:])), "compute is serial"
+
+
+@pytest.mark.parametrize("share", [1 / 2, 1 / 3, 1 / 4])
+def test_the_profiled_plan_runs_faster_than_the_spread_plan_on_the_virtual_clock(share, x):
+    """Compute is not proportional to bytes here (the up-projections are dear): the measured
+    plan keeps the cheap units resident and hides copies behind the dear ones."""
+    steady = []
+    for config in (StreamConfig(plan_from_profile=False), StreamConfig()):
+        torch.manual_seed(0)
+        model = Stack().eval()
+        engine = chunked(model, config)
+        engine.attach(device(), engine.fixed_bytes + int(share * sum(engine.unit_bytes)))
+        run(model, x, 2, engine)
+        engine.begin_run()
+        run(model, x, 3, engine)
+        steady.append(engine.figures.step_seconds / 3)
+    spread, profiled = steady
+    assert profiled < 0.95 * spread
