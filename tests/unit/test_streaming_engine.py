@@ -206,3 +206,23 @@ def test_the_profiled_plan_runs_faster_than_the_spread_plan_on_the_virtual_clock
         steady.append(engine.figures.step_seconds / 3)
     spread, profiled = steady
     assert profiled < 0.95 * spread
+
+
+def test_the_config_takes_the_environment_overrides_once_and_refuses_bad_values(monkeypatch):
+    monkeypatch.setenv("STREAMLOADER_CHUNK_MB", "2")
+    monkeypatch.setenv("STREAMLOADER_PREFETCH_DEPTH", "3")
+    config = StreamConfig.from_env()
+    assert config == StreamConfig(chunk_bytes=2 * 2**20, prefetch_depth=3)
+    assert StreamConfig.from_env(prefetch_depth=None).prefetch_depth is None, "explicit overrides win"
+    monkeypatch.setenv("STREAMLOADER_PREFETCH_DEPTH", "two")
+    with pytest.raises(ValueError, match="STREAMLOADER_PREFETCH_DEPTH must be a whole number"):
+        StreamConfig.from_env()
+    with pytest.raises(ValueError, match="`chunk_bytes`"):
+        StreamConfig(chunk_bytes=-1)
+
+
+def test_a_fixed_prefetch_depth_keeps_the_spread_plan_and_profiles_nothing(model, x):
+    engine = chunked(model, StreamConfig(prefetch_depth=1))
+    plan = engine.attach(device(), engine.fixed_bytes + sum(engine.unit_bytes) // 2)
+    run(model, x, 3, engine)
+    assert engine.attached.plan == plan and plan.slots == 2 and not engine.profiles
