@@ -40,3 +40,17 @@ def conditioning(kind: str):
         return cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}
     cond = [[torch.randn(1, 16, 4096, generator=gen), {"pooled_output": torch.randn(1, 2048, generator=gen)}]]
     return cond, cond, {"samples": torch.zeros(1, 16, 16, 16)}
+
+
+GIB = 1024**3
+
+
+def engine_of(manager):
+    """The streaming engine of the one held model that has one."""
+    (entry,) = [e for e in manager.entries() if e.engine is not None]
+    return entry.engine
+
+
+def budget_gb(engine, share: float) -> float:
+    """A budget for the weights outside the blocks and this share of the blocks' bytes (ring included)."""
+    return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB

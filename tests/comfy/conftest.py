@@ -92,3 +92,14 @@ def _inference():
     """ComfyUI runs nodes under inference mode."""
     with torch.inference_mode():
         yield
+
+
+@pytest.fixture(scope="module")
+def reference(comfy):
+    """Core's checkpoint loader and KSampler: the result every streamed run must equal."""
+    from comfy_helpers import CKPT, encode, sample
+
+    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
+    pos, neg = encode(comfy, core_clip)
+    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
+    return pos, neg, latent, sample(comfy, core_model, pos, neg, latent)

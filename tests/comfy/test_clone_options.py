@@ -2,31 +2,9 @@
 import pytest
 import torch
 
-from comfy_helpers import load_checkpoint, sample
+from comfy_helpers import budget_gb, engine_of, load_checkpoint, sample
 
 pytestmark = pytest.mark.comfy
-
-GIB = 1024**3
-
-
-@pytest.fixture(scope="module")
-def reference(comfy):
-    """Core's checkpoint loader and KSampler: the result every streamed run must equal."""
-    from comfy_helpers import CKPT, encode
-
-    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
-    pos, neg = encode(comfy, core_clip)
-    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
-    return pos, neg, latent, sample(comfy, core_model, pos, neg, latent)
-
-
-def engine_of(manager):
-    (entry,) = [e for e in manager.entries() if e.engine is not None]
-    return entry.engine
-
-
-def budget_gb(engine, share: float) -> float:
-    return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB
 
 
 def test_each_clone_places_the_shared_engine_with_its_own_options(comfy, manager, reference):

@@ -2,31 +2,11 @@
 import pytest
 import torch
 
-from comfy_helpers import CKPT, TOGGLES, conditioning, encode, load_checkpoint, sample
+from comfy_helpers import CKPT, GIB, TOGGLES, budget_gb, conditioning, engine_of, load_checkpoint, sample
 
 pytestmark = pytest.mark.comfy
 
-GIB = 1024**3
 UNET = "tiny_sd3_mmdit.safetensors"
-
-
-@pytest.fixture(scope="module")
-def reference(comfy):
-    """Core's checkpoint loader and KSampler: the result every streamed run must equal."""
-    core_model, core_clip = comfy.CheckpointLoaderSimple().load_checkpoint(CKPT)[:2]
-    pos, neg = encode(comfy, core_clip)
-    latent = comfy.EmptyLatentImage().generate(64, 64, 1)[0]
-    return pos, neg, latent, sample(comfy, core_model, pos, neg, latent)
-
-
-def engine_of(manager):
-    (entry,) = [e for e in manager.entries() if e.engine is not None]
-    return entry.engine
-
-
-def budget_gb(engine, share: float) -> float:
-    """A budget for the weights outside the blocks and this share of the blocks' bytes (ring included)."""
-    return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB
 
 
 def streamed_checkpoint(manager, fraction: float):
