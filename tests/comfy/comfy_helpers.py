@@ -1,4 +1,6 @@
 """Shared steps of the in-process tests: the pack's loaders, core's sampler, fixed inputs."""
+import contextlib
+
 import torch
 
 CKPT = "tiny_sd15.safetensors"
@@ -54,3 +56,21 @@ def engine_of(manager):
 def budget_gb(engine, share: float) -> float:
     """A budget for the weights outside the blocks and this share of the blocks' bytes (ring included)."""
     return (engine.fixed_bytes + share * sum(engine.unit_bytes)) / GIB
+
+
+@contextlib.contextmanager
+def out_of_memory_once(engine):
+    """The allocator fails once inside the last streamed block, as CUDA does under pressure;
+    yields the list of failures raised."""
+    failures = []
+
+    def fail_once(module, args):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = engine.units[-1].weight_modules()[-1].register_forward_pre_hook(fail_once)
+    try:
+        yield failures
+    finally:
+        handle.remove()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfy_helpers import budget_gb, engine_of, load_checkpoint, sample
+from comfy_helpers import budget_gb, engine_of, load_checkpoint, out_of_memory_once, sample
 
 pytestmark = pytest.mark.comfy
 
@@ -30,16 +30,6 @@ def test_the_oom_retry_is_bound_to_its_engine_not_found_through_the_manager(comf
     model = load_checkpoint(stream_layers=True, max_vram_gb=budget_gb(engine, 0.8)).args[0]
     sample(comfy, model, pos, neg, latent)
     manager.release_all()  # POST /streamloader/release: ComfyUI's cache still holds the model and runs it
-    failures = []
-
-    def fail_once(module, args):
-        if not failures:
-            failures.append(1)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    handle = engine.units[-1].weight_modules()[-1].register_forward_pre_hook(fail_once)
-    try:
+    with out_of_memory_once(engine) as failures:
         assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
-    finally:
-        handle.remove()
     assert failures and any("retried once" in note for note in engine.figures.notes)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from comfy_helpers import CKPT, GIB, TOGGLES, budget_gb, conditioning, engine_of, load_checkpoint, sample
+from comfy_helpers import (CKPT, GIB, TOGGLES, budget_gb, conditioning, engine_of, load_checkpoint,
+                          out_of_memory_once, sample)
 
 pytestmark = pytest.mark.comfy
 
@@ -159,18 +160,8 @@ def test_out_of_memory_in_a_streamed_step_retries_once_smaller(comfy, manager, r
     engine = engine_of(manager)
     sample(comfy, model, pos, neg, latent)
     held = engine.held_bytes
-    failures = []
-
-    def fail_once(module, args):  # the allocator failing inside a block, as CUDA does under pressure
-        if not failures:
-            failures.append(1)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    handle = engine.units[-1].weight_modules()[-1].register_forward_pre_hook(fail_once)
-    try:
+    with out_of_memory_once(engine) as failures:
         assert torch.equal(sample(comfy, model, pos, neg, latent), expected)
-    finally:
-        handle.remove()
     assert failures and engine.held_bytes < held
     assert any("retried once" in note for note in engine.figures.notes)
 
