@@ -24,6 +24,7 @@ until the request is applied.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -245,6 +246,7 @@ class ModelManager:
             released = self._release_all()
             if released:  # models sit in reference cycles: free them now, not at the next collection
                 gc.collect()
+                _return_free_heap()
             log.info("StreamLoader: release %d dropped %d models", request.id, len(released))
             self._applied.append({"id": request.id, "requested_at": request.requested_at,
                                   "applied_at": time.time(), "released": released})
@@ -325,3 +327,11 @@ def get_manager() -> ModelManager:
         if _manager is None:
             _manager = ModelManager()
         return _manager
+
+
+def _return_free_heap() -> None:
+    """Give the heap pages freed by a release back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
