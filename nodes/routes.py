@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import comfy.model_management
+import torch
 from aiohttp import web
 
 from ..loader import get_manager
@@ -27,7 +29,14 @@ def register(server) -> None:
     @routes.get("/streamloader/stats")
     async def stats(request: web.Request) -> web.Response:
         manager = get_manager()
-        return web.json_response({**manager.snapshot(), **manager.counters()})
+        return web.json_response({**manager.snapshot(), **manager.counters(), "peak_vram_bytes": _peak_vram()})
+
+    @routes.post("/streamloader/peak/reset")
+    async def reset_peak(request: web.Request) -> web.Response:
+        device = _cuda_device()
+        if device is not None:
+            torch.cuda.reset_peak_memory_stats(device)
+        return web.json_response({"peak_vram_bytes": _peak_vram()})
 
     @routes.post("/streamloader/release")
     async def release(request: web.Request) -> web.Response:
@@ -36,6 +45,19 @@ def register(server) -> None:
         asyncio.ensure_future(_wake_until_applied(server.prompt_queue, posted.id))
         return web.json_response({"id": posted.id, "released": len(posted.models), "models": list(posted.models),
                                   "after_prompts": [item[1] for item in running]})
+
+
+def _cuda_device() -> torch.device | None:
+    device = comfy.model_management.get_torch_device()
+    return device if device.type == "cuda" else None
+
+
+def _peak_vram() -> int | None:
+    """The process's peak of ``torch.cuda.max_memory_allocated`` since the last reset (None
+    without CUDA). Allocations outside torch's allocator (DynamicVRAM's weights) are not in it.
+    A read of the allocator's counters: the event loop may do it while the worker runs."""
+    device = _cuda_device()
+    return None if device is None else torch.cuda.max_memory_allocated(device)
 
 
 async def _wake_until_applied(queue, request_id: int) -> None:

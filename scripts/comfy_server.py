@@ -33,10 +33,12 @@ def free_port() -> int:
 class ComfyServer:
     def __init__(self, comfy_path: str, models_dir: str, port: int | None = None, base_dir: str | None = None,
                  more_models_dirs: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 cpu: bool | None = None):
+                 cpu: bool | None = None, extra_args: list[str] = ()):
         """``more_models_dirs``: model folders served besides ``models_dir``.
         ``env``: variables set for the server on top of this process's environment.
-        ``cpu``: run with ``--cpu`` (default: where there is no ``nvidia-smi``)."""
+        ``cpu``: run with ``--cpu`` (default: where there is no ``nvidia-smi``).
+        ``extra_args``: more of main.py's flags (``--reserve-vram 4`` ...)."""
+        self.extra_args = list(extra_args)
         self.cpu = shutil.which("nvidia-smi") is None if cpu is None else cpu
         self.comfy_path = comfy_path
         self.extra_env = dict(env or {})
@@ -56,7 +58,7 @@ class ComfyServer:
             cmd.append("--cpu")
         if os.environ.get(FRONT_END_ROOT_ENV):  # headless, without the frontend package (`make gpu-check`)
             cmd += ["--front-end-root", os.environ[FRONT_END_ROOT_ENV]]
-        return cmd
+        return cmd + self.extra_args
 
     def _own_user_data(self) -> list[str]:
         """Flags giving this server its own user directory and database: concurrent servers must

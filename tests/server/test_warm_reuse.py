@@ -33,6 +33,17 @@ def test_stats_route_shape(server, prompt):
     assert server.get("/api/streamloader/stats")["disk_bytes_read"] == stats["disk_bytes_read"]
 
 
+def test_peak_vram_is_reported_and_reset(server, prompt, comfy_device):
+    """The process's torch peak (what bench/e2e_bench.py reads per row); null without CUDA."""
+    server.run(prompt)
+    peak = server.get("/streamloader/stats")["peak_vram_bytes"]
+    after_reset = server.post("/streamloader/peak/reset", {})["peak_vram_bytes"]
+    if comfy_device == "cpu":
+        assert peak is None and after_reset is None
+    else:
+        assert peak > 0 and after_reset < peak
+
+
 def test_second_run_reads_nothing_even_after_free(server, prompt):
     first, record = disk_read(server, prompt)
     assert first > 0
