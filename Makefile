@@ -75,7 +75,9 @@ bench-pack: env
 # The GPU check, for a GPU machine with Python 3.12 and torch but no ComfyUI and no network (the
 # device tool: carry [".gpu"], command `make gpu-check`). gpu-pack prepares .gpu/ here (git-ignored);
 # gpu-check installs its wheels, makes the tiny models, runs the tests on CUDA on both ComfyUI
-# versions and the benchmark, and writes gpu_check.json to $OUT (or bench/results/). No venv there.
+# versions, the benchmark and the end-to-end rows (an SDXL-sized checkpoint on real servers), and
+# writes gpu_check.json to $OUT (or bench/results/). No venv there. GPU_CHECK_ARGS="--stages bench,e2e"
+# runs some stages only.
 gpu-pack: env
 	@$(BOOT); bash scripts/gpu_pack.sh "$$VENV/bin/python" "$$COMFYUI_PATH" "$(STREAMLOADER_UPSTREAM_TARBALL)"
 

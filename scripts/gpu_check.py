@@ -7,12 +7,16 @@ Reads what `make gpu-pack` put in .gpu/ (ComfyUI copies as .tar.xz, wheels), and
    (default: cuda where torch sees a GPU), servers headless (`--front-end-root` an empty folder):
    all but the `gpu` tests on both copies at once, then the `gpu` tests one copy at a time;
 4. runs bench/stream_bench.py;
+5. end to end (bench/e2e_bench.py): an SDXL-sized checkpoint made on the GPU (scripts/make_sdxl.py),
+   then real servers of the newest ComfyUI copy, core's loader against the pack's;
 and writes gpu_check.json (device, date, versions, test counts in all and per ComfyUI version,
-the benchmark's JSON) to $OUT, or bench/results/, after every stage, and the stages' output to
-gpu_check.log beside it.
-Stages share one deadline (--minutes); a stage cut short by it is recorded as timed out.
+the benchmarks' JSON paths) to $OUT, or bench/results/, after every stage, and the stages'
+output to gpu_check.log beside it.
+Stages share one deadline (--minutes); a stage cut short by it is recorded as timed out. The
+tests get what the later stages' reserves leave. --stages picks some (the device tool's
+15 minutes may be better spent as `--stages bench,e2e` and then `--stages tests`).
 
-Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 7.5] [--skip-bench] [--pytest-args ARGS]
+Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 9] [--stages tests,bench,e2e] [--pytest-args ARGS]
 """
 from __future__ import annotations
 
@@ -38,11 +42,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pack", default=os.path.join(REPO, ".gpu"), help="what `make gpu-pack` prepared")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "bench", "results"))
-    p.add_argument("--minutes", type=float, default=7.5, help="deadline for all stages together")
-    p.add_argument("--skip-bench", action="store_true", help="tests only")
+    p.add_argument("--minutes", type=float, default=9, help="deadline for all stages together")
+    p.add_argument("--stages", default="tests,bench,e2e", help="which of tests, bench, e2e to run")
     p.add_argument("--bench-reserve-s", type=float, default=170,
-                   help="seconds kept for the benchmark (134 s on an H200 on 2026-11-28)")
+                   help="seconds kept for the benchmark (134 s on an H200 on 2026-11-28, with the earlier engine)")
+    p.add_argument("--e2e-reserve-s", type=float, default=240,
+                   help="seconds kept for the end-to-end rows (unmeasured on a GPU; 5 min on 2 CPU cores at 64x64)")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments (e.g. `-k gpu`)")
+    p.add_argument("--e2e-args", default="", help="extra bench/e2e_bench.py arguments (e.g. `--steps 10`)")
     p.add_argument("--skip-install", action="store_true",
                    help="use this Python's packages as they are (a rehearsal where ComfyUI's needs are installed)")
     return p.parse_args()
@@ -57,6 +64,8 @@ class Check:
         self.models = os.path.join(self.work, "models")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # see notes/test-environment.md: 6 s per torch import
+        self.env["STREAMLOADER_FRONT_END_ROOT"] = os.path.join(self.work, "front-end")  # servers without the frontend package
+        os.makedirs(self.env["STREAMLOADER_FRONT_END_ROOT"])
         os.makedirs(opts.out, exist_ok=True)
         open(os.path.join(opts.out, "gpu_check.log"), "w").close()
         self.result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -146,10 +155,7 @@ class Check:
 
     def pytest(self, version: str, marks: str, limit_s: float) -> tuple[list[str], dict]:
         """The command and environment of the tests marked ``marks`` on one ComfyUI version."""
-        front_end = os.path.join(self.work, "front-end")  # servers start without the frontend package
-        os.makedirs(front_end, exist_ok=True)
         env = {**self.env, "COMFYUI_PATH": self.result["comfyui"][version], "STREAMLOADER_MODELS": self.models,
-               "STREAMLOADER_FRONT_END_ROOT": front_end,
                # No test starts in the last 60 s of the stage: pytest ends in time and writes its report.
                "STREAMLOADER_TEST_DEADLINE": str(time.time() + limit_s - 60),
                "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(REPO, "scripts"), self.env.get("PYTHONPATH")]))}
@@ -162,7 +168,7 @@ class Check:
         that share the device without effect on each other), then the `gpu` tests, which fill the
         device, one version at a time."""
         versions = list(self.result["comfyui"])
-        budget = self.remaining() - self.bench_reserve_s()
+        budget = self.remaining() - self.reserved_s()
         if budget < 120:
             self.result["tests"] = _totals({v: {"passed": 0, "failed": 0, "skipped": 0, "not_run": "deadline reached"}
                                             for v in versions})
@@ -170,21 +176,46 @@ class Check:
         shared_s = budget * 0.75
         stages = self.run_together({f"tests-{v}": self.pytest(v, "not gpu", shared_s) for v in versions}, shared_s)
         for i, version in enumerate(versions):
-            limit = (self.remaining() - self.bench_reserve_s()) / (len(versions) - i)
+            limit = (self.remaining() - self.reserved_s()) / (len(versions) - i)
             cmd, env = self.pytest(version, "gpu", limit)
             stages[f"tests-gpu-{version}"] = self.run(f"tests-gpu-{version}", cmd, env=env, limit_s=limit)
         self.result["tests"] = _totals({v: _merge([stages[f"tests-{v}"], stages[f"tests-gpu-{v}"]]) for v in versions})
 
-    def bench_reserve_s(self) -> float:
-        return 0 if self.opts.skip_bench else self.opts.bench_reserve_s
+    def reserved_s(self) -> float:
+        """Seconds the tests leave for the later stages."""
+        stages = self.stages()
+        return self.opts.bench_reserve_s * ("bench" in stages) + self.opts.e2e_reserve_s * ("e2e" in stages)
+
+    def stages(self) -> list[str]:
+        return self.opts.stages.split(",")
 
     def bench(self) -> None:
         comfy = self.result["comfyui"][min(self.result["comfyui"], key=_version_key)]
+        e2e_s = self.opts.e2e_reserve_s if "e2e" in self.stages() else 0
         stage = self.run("bench", [sys.executable, os.path.join(REPO, "bench", "stream_bench.py"),
-                                   "--comfy", comfy, "--out", self.opts.out])
+                                   "--comfy", comfy, "--out", self.opts.out], limit_s=max(self.remaining() - e2e_s, 60))
         path = os.path.join(self.opts.out, "stream_bench.json")
         self.result["bench"] = {"json": path if os.path.exists(path) and stage["returncode"] == 0 else None,
                                 "seconds": stage["seconds"], "returncode": stage["returncode"]}
+
+    def e2e(self) -> None:
+        """An SDXL-sized checkpoint made here, then bench/e2e_bench.py on the newest ComfyUI copy
+        (what users run: DynamicVRAM on); its configurations stop starting a minute before the deadline."""
+        comfy = self.result["comfyui"][max(self.result["comfyui"], key=_version_key)]
+        env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [comfy, self.env.get("PYTHONPATH")]))}
+        checkpoint = os.path.join(self.work, "sdxl", "sdxl_random_fp16.safetensors")
+        made = self.run("e2e-model", [sys.executable, os.path.join(REPO, "scripts", "make_sdxl.py"), checkpoint],
+                        cwd=comfy, env=env)
+        if made["returncode"] != 0:
+            self.result["e2e"] = {"json": None, "returncode": made["returncode"]}
+            return
+        minutes = max(self.remaining() - 60, 30) / 60
+        stage = self.run("e2e", [sys.executable, os.path.join(REPO, "bench", "e2e_bench.py"), "--comfy", comfy,
+                                 "--checkpoint", checkpoint, "--out", self.opts.out, "--minutes", f"{minutes:.1f}",
+                                 *shlex.split(self.opts.e2e_args)])
+        path = os.path.join(self.opts.out, "e2e_bench.json")
+        self.result["e2e"] = {"json": path if os.path.exists(path) else None, "seconds": stage["seconds"],
+                              "returncode": stage["returncode"]}
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -261,18 +292,23 @@ def main() -> None:
     check.probe()
     if not opts.skip_install:
         check.install()
-    check.make_models()
-    check.tests()
-    if not opts.skip_bench and check.remaining() > 60:
-        check.bench()
-    elif not opts.skip_bench:
-        check.result["bench"] = {"json": None, "not_run": "deadline reached"}
+    stages = check.stages()
+    if "tests" in stages:
+        check.make_models()
+        check.tests()
+    for name, stage in (("bench", check.bench), ("e2e", check.e2e)):
+        if name in stages and check.remaining() > 60:
+            stage()
+        elif name in stages:
+            check.result[name] = {"json": None, "not_run": "deadline reached"}
     path = check.write()
-    tests = check.result["tests"]
+    tests = check.result.get("tests") or _totals({})
     print(f"== wrote {path}: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped; "
-          f"bench: {(check.result.get('bench') or {}).get('json')}", flush=True)
+          f"bench: {(check.result.get('bench') or {}).get('json')}; e2e: {(check.result.get('e2e') or {}).get('json')}",
+          flush=True)
     incomplete = any("not_run" in v or v.get("timed_out") or v.get("stopped_at_deadline")
-                     for v in tests["by_comfyui"].values())
+                     for v in tests["by_comfyui"].values()) or \
+        any("not_run" in (check.result.get(name) or {}) for name in ("bench", "e2e"))
     broken = [s["name"] for s in check.result["stages"] if "junit" not in s and s["returncode"] != 0]
     sys.exit(1 if tests["failed"] or incomplete or broken else 0)  # tests count by their reports
 
