@@ -1,0 +1,43 @@
+"""bench/e2e_bench.py's check of issue 9's end-to-end targets, on rows made up to pass or miss each one."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+
+import e2e_bench  # noqa: E402
+
+GIB = 2**30
+
+
+def row(config, run, s_per_step, peak_gib, loader="pack", stream=False, disk=0, device_gib=None):
+    return {"config": config, "run": run, "loader": loader, "stream": stream, "s_per_step": s_per_step,
+            "disk_bytes": disk, "pack_disk_bytes": disk, "peak_vram_bytes": int(peak_gib * GIB),
+            "peak_device_used_bytes": None if device_gib is None else int(device_gib * GIB)}
+
+
+CORE = [row("core default", "warm", 0.10, 9, loader="core"), row("core legacy 4 GiB", "warm", 0.30, 5, loader="core")]
+
+
+def test_warm_rows_must_read_nothing_and_keep_up_with_core():
+    ok = e2e_bench.targets([*CORE, row("pack lazy", "warm", 0.099, 9)])
+    assert ok["pack_warm_reads_nothing"] and ok["pack_warm_no_slower_than_core_warm"]
+    missed = e2e_bench.targets([*CORE, row("pack lazy", "warm", 0.12, 9, disk=4096)])
+    assert not missed["pack_warm_reads_nothing"] and not missed["pack_warm_no_slower_than_core_warm"]
+
+
+def test_a_streamed_row_is_compared_with_core_rows_at_equal_or_higher_peak_only():
+    fast = row("pack streamed 2 GiB", "warm", 0.25, 4, stream=True)  # beats legacy (5 GiB), not default (9 GiB)
+    assert e2e_bench.targets([*CORE, fast])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
+        "pack streamed 2 GiB warm": False}
+    lean = row("pack streamed 2 GiB", "warm", 0.25, 4, stream=True)
+    core = [row("core legacy 4 GiB", "warm", 0.30, 5, loader="core"), row("core default", "warm", 0.1, 3, loader="core")]
+    assert e2e_bench.targets(core + [lean])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
+        "pack streamed 2 GiB warm": True}
+
+
+def test_the_devices_own_peak_counts_where_there_is_one():
+    """DynamicVRAM's weights are outside torch's peak: core's 1 GiB torch peak is 9 GiB on the device."""
+    core = [row("core default", "warm", 0.1, 1, loader="core", device_gib=9)]
+    streamed = row("pack streamed 2 GiB", "warm", 0.25, 4, stream=True, device_gib=4.5)
+    assert e2e_bench.targets(core + [streamed])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
+        "pack streamed 2 GiB warm": False}
