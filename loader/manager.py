@@ -245,8 +245,7 @@ class ModelManager:
         for request in pending:
             released = self._release_all()
             if released:  # models sit in reference cycles: free them now, not at the next collection
-                gc.collect()
-                _return_free_heap()
+                gc.collect()  # which returns the freed heap to the OS (_trim_after_full_collections)
             log.info("StreamLoader: release %d dropped %d models", request.id, len(released))
             self._applied.append({"id": request.id, "requested_at": request.requested_at,
                                   "applied_at": time.time(), "released": released})
@@ -326,12 +325,27 @@ def get_manager() -> ModelManager:
     with _manager_lock:
         if _manager is None:
             _manager = ModelManager()
+            gc.callbacks.append(_trim_after_full_collections)
         return _manager
 
 
-def _return_free_heap() -> None:
-    """Give the heap pages freed by a release back to the OS (glibc keeps them otherwise)."""
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
-        pass
+        return None
+
+
+_malloc_trim = _glibc_malloc_trim()
+
+
+def _trim_after_full_collections(phase: str, info: dict) -> None:
+    """A gc callback: after each full collection, give the heap pages it freed back to the OS.
+
+    A dropped model sits in reference cycles, so a full collection is what frees it: the pack's
+    release runs one, and so does ComfyUI's worker after ``/free`` (its cache of node outputs
+    holds the loaders' models, also after a release). glibc keeps freed heap pages otherwise:
+    the load test's streamed phase ended 141 MiB above its start RSS with no model object alive,
+    4 MiB after a trim. A trim takes 0.5-2 ms in a server holding 1.3 GiB."""
+    if phase == "stop" and info["generation"] == 2 and _malloc_trim is not None:
+        _malloc_trim(0)
