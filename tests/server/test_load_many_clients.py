@@ -212,11 +212,9 @@ def test_many_clients_at_once(load_run):
     assert "ThreadContractError" not in open(run.server.log_path).read()
 
 
-@pytest.mark.load_bounds
 def test_the_server_stays_fast_and_gives_memory_back(load_run):
     """Issue 11's bounds: stats answer within 100 ms while a GiB-sized model loads eagerly, and RSS
-    returns within 64 MiB of where it started. Run by `make test-load` (not by `make test`):
-    on the shared 2-core test machine both are missed now and then (see the README)."""
+    returns within 64 MiB of where it started."""
     run = load_run
     assert LOADER_NODE not in run.eager_nodes, "the small checkpoint was built again during the eager load"
     assert run.rss_after <= run.rss_before + RSS_SLACK, \
