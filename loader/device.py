@@ -216,9 +216,10 @@ class CudaDevice(Device):
 
     def _copy(self, dst, src, after):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        compute = torch.cuda.current_stream(self.torch_device)  # read outside the `with`: inside it is the copy stream
         with torch.cuda.stream(self.copy_stream):
             if after is None:  # dst may be memory the allocator took back from compute still queued
-                self.copy_stream.wait_stream(torch.cuda.current_stream(self.torch_device))
+                self.copy_stream.wait_stream(compute)
             else:
                 self.copy_stream.wait_event(after)
             start.record(self.copy_stream)

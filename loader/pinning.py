@@ -10,14 +10,12 @@ their slabs, and it reports the cap and each side's share.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from .options import GIB, bytes_from_env
 
-log = logging.getLogger(__name__)
 
 PINNED_CAP_ENV = "STREAMLOADER_PINNED_CAP_GB"
 _DEFAULT_PINNED_SHARE = 0.5
@@ -81,12 +79,15 @@ class CudaPinnedBook(PinnedBook):
 
 def clear_cuda_error() -> None:
     """A failed runtime call leaves CUDA's last error set, and torch would report it at the next
-    kernel launch as if that kernel had failed: read it (which clears it) where the binding exists."""
-    get_last_error = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
-    if get_last_error is not None:
-        get_last_error()
-    else:
-        log.warning("StreamLoader: a failed cudaHostRegister may surface at the next kernel launch")
+    kernel launch as if that kernel had failed. torch binds no cudaGetLastError, so, as upstream
+    ComfyUI's ``discard_cuda_async_error`` does, launch a tiny kernel and synchronize: the stale
+    error surfaces there, where it is known and dropped (the failed call already answered)."""
+    try:
+        one = torch.ones(1, dtype=torch.uint8, device="cuda")
+        _ = one + one
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass
 
 
 def default_pinned_cap() -> int:

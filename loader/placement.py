@@ -42,6 +42,7 @@ class DeviceMemory:
                 self.ring = self._allocate(plan.ring_bytes)
             device.synchronize()  # placement copies land before compute reads them
         except BaseException:
+            device.synchronize()  # copies already queued must land before their memory is given back
             self.close()
             raise
 

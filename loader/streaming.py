@@ -290,6 +290,7 @@ class _Placement:
             self.runtime = StepRuntime(engine.units, self.memory, order or list(range(len(engine.units))),
                                        check_interrupt)
         except BaseException:
+            device.synchronize()  # the placement's copies may still be in flight
             self.memory.close()
             raise
 

@@ -178,8 +178,13 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         patched = set(self.backup)
 
         def wanted(spec) -> bool:
-            on_host = spec.get().device.type == "cpu"
-            return f"{names[id(spec.module)]}.{spec.name}" not in patched and (on_host or not on_host_only)
+            key = f"{names[id(spec.module)]}.{spec.name}"
+            if key in patched or (on_host_only and spec.get().device.type != "cpu"):
+                return False
+            # ComfyUI's partially_unload may have page-locked the host copy this view replaces:
+            # unregister it first, or it is freed while registered and its bytes stay in ComfyUI's book.
+            self.unpin_weight(key)
+            return True
 
         engine.restore_host_views(wanted)
 
