@@ -187,7 +187,12 @@ class Check:
         return self.opts.bench_reserve_s * ("bench" in stages) + self.opts.e2e_reserve_s * ("e2e" in stages)
 
     def stages(self) -> list[str]:
-        return self.opts.stages.split(",")
+        stages = self.opts.stages.split(",")
+        unknown = set(stages) - {"tests", "bench", "e2e"}
+        if unknown:
+            raise SystemExit(f"--stages {self.opts.stages}: no stage {', '.join(sorted(unknown))}; "
+                             "use some of tests, bench, e2e, comma-separated")
+        return stages
 
     def bench(self) -> None:
         comfy = self.result["comfyui"][min(self.result["comfyui"], key=_version_key)]
@@ -289,10 +294,10 @@ def _tail(path: str, lines: int = 6) -> str:
 def main() -> None:
     opts = parse_args()
     check = Check(opts)
+    stages = check.stages()  # a misspelt stage fails before anything runs
     check.probe()
     if not opts.skip_install:
         check.install()
-    stages = check.stages()
     if "tests" in stages:
         check.make_models()
         check.tests()
