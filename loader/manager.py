@@ -238,8 +238,9 @@ class ModelManager:
             self._pending.append(request)
         return request
 
-    def apply_requests(self) -> None:
-        """On the worker, between prompts: apply the pending releases, then publish a snapshot."""
+    def apply_requests(self) -> int:
+        """On the worker, between prompts: apply the pending releases, then publish a snapshot.
+        Returns how many releases were applied."""
         with self._requests_lock:
             pending, self._pending = self._pending, []
         for request in pending:
@@ -251,6 +252,7 @@ class ModelManager:
                                   "applied_at": time.time(), "released": released})
             self.applied_through = request.id
         self.publish()
+        return len(pending)
 
     def publish(self) -> None:
         """On the worker: replace the snapshot the event loop serves (built whole, never changed after)."""

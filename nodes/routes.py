@@ -75,7 +75,9 @@ def apply_between_prompts(server) -> None:
     tell the editor the snapshot changed (its run-end events come before this publish).
 
     The worker calls ``queue.get_flags()`` after every prompt and every wake-up; core's
-    ``reset=True`` empties the flag dict, so the requests are applied in that same call."""
+    ``reset=True`` empties the flag dict, so the requests are applied in that same call.
+    A release also raises core's ``free_memory`` flag: ComfyUI's node cache holds the loaders'
+    outputs, and with them the released models, until it is emptied as core's /free does."""
     queue = server.prompt_queue
     core_get_flags = queue.get_flags
 
@@ -83,7 +85,8 @@ def apply_between_prompts(server) -> None:
         flags = core_get_flags(reset)
         if reset:
             flags.pop(_FLAG, None)
-            get_manager().apply_requests()
+            if get_manager().apply_requests():
+                flags["free_memory"] = True
             server.send_sync(STATS_EVENT, {}, None)
         return flags
 
