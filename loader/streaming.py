@@ -232,6 +232,8 @@ class StreamEngine:
         if not self._plans_from_profiles(placement.prefetch_depth):
             return
         plan = plan_for_profile(profile, placement.plan.budget_bytes)
+        if plan.predicted_seconds is None:  # no candidate fits a ring under this budget: keep the plan in place
+            return
         if plan.resident == placement.plan.resident and plan.ring_bytes == placement.plan.ring_bytes:
             placement.plan = plan  # the same placement, now with a prediction
             self._figures.predicted_seconds = plan.predicted_seconds

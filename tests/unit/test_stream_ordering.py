@@ -30,7 +30,8 @@ from loader.device import SimulatedDevice
 
 WIDTH = 16
 STEPS = 7
-SEEDS = range(40)
+# 84 and 345: no profiled candidate fits a ring under the budget, and a step ended in a crash
+SEEDS = [*range(40), 84, 345]
 SHOWN = 5  # violations named in a failure's message
 
 
