@@ -29,6 +29,7 @@ class Device:
     """Allocation books, copies and ordering between the copy stream and compute."""
 
     kind = "abstract"
+    warmup_steps = 0  # steps at a new activation shape before one is profiled
 
     def __init__(self, torch_device: torch.device, capacity_bytes: int | None, pinned: PinnedBook):
         self.torch_device = torch_device
@@ -205,6 +206,9 @@ class CudaDevice(Device):
     """Copies run on one side stream; CUDA events order them against the compute stream."""
 
     kind = "cuda"
+    # A model's first step runs each kernel for the first time (lazy module loading, cuBLAS and
+    # cuDNN heuristics): its unit times are not the steady ones a plan is made for.
+    warmup_steps = 1
 
     def __init__(self, torch_device: torch.device, capacity_bytes: int | None = None,
                  pinned: PinnedBook | None = None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -63,6 +64,7 @@ class StreamEngine:
                       for chunks in [split_block(block, self.config.chunk_bytes)]
                       for k, modules in enumerate(chunks)]
         self.profiles: dict[tuple, Profile] = {}  # by activation shapes
+        self._steps_at: Counter[tuple] = Counter()  # completed steps by activation shapes
         self._last_key: tuple | None = None  # the activation shapes of the last completed step
         self.timeline: Timeline | None = None  # copies and compute of the last timed step
         self._time_next = False
@@ -214,6 +216,7 @@ class StreamEngine:
             placement = self.attached
             profile, timeline = placement.end_step(completed, key) if placement is not None else (None, None)
             if completed and placement is not None:
+                self._steps_at[key] += 1
                 self._step_ended(key, profile if profiling else None, timeline)
 
     def time_next_step(self) -> None:
@@ -243,10 +246,11 @@ class StreamEngine:
         self._replace(placement.device, placement.plan.budget_bytes, plan)
 
     def _profiles_at(self, key: tuple) -> bool:
-        """Whether the step about to run at ``key`` is profiled: it streams, at a shape not yet profiled."""
+        """Whether the step about to run at ``key`` is profiled: it streams, at a shape not yet
+        profiled, after the device's warm-up steps at that shape."""
         placement = self.attached
         return placement.runtime.ring is not None and key not in self.profiles and \
-            self._plans_from_profiles(placement.prefetch_depth)
+            self._steps_at[key] >= placement.device.warmup_steps and self._plans_from_profiles(placement.prefetch_depth)
 
     def _plans_from_profiles(self, depth: int | None) -> bool:
         """Profiled plans replace the spread plan unless a prefetch depth fixes the ring or the config says no."""

@@ -142,6 +142,22 @@ def test_a_profiled_step_replaces_the_spread_plan_and_stays_exact(model, x):
     assert torch.equal(streamed2, run(model, x2, 1)[0])
 
 
+class WarmingDevice(SimulatedDevice):
+    """A device whose first step at a shape is a warm-up, as on CUDA (kernels run the first time)."""
+
+    warmup_steps = 1
+
+
+def test_a_device_with_a_warm_up_step_profiles_the_step_after_it(model, x):
+    engine = chunked(model)
+    budget = engine.fixed_bytes + sum(engine.unit_bytes) // 2
+    spread = engine.attach(WarmingDevice(bandwidth=BANDWIDTH, compute=compute_seconds), budget)
+    run(model, x, 1, engine)
+    assert not engine.snapshot().profiled and engine.attached.plan == spread
+    run(model, x, 1, engine)
+    assert engine.snapshot().profiled == (((4, 8),),) and engine.attached.plan != spread
+
+
 def test_the_virtual_clock_runs_the_simulated_schedule(model, x):
     """The engine's steady step on the virtual clock is the simulator's prediction for its plan."""
     engine = chunked(model)
