@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -183,12 +184,10 @@ class Bench:
 
     def _models_dir(self) -> str:
         """A models folder holding the checkpoint (a link), for the servers' extra model paths."""
-        root = os.path.join(self.opts.out, "e2e-models")
-        os.makedirs(os.path.join(root, "checkpoints"), exist_ok=True)
-        link = os.path.join(root, "checkpoints", os.path.basename(self.opts.checkpoint))
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(os.path.abspath(self.opts.checkpoint), link)
+        root = tempfile.mkdtemp(prefix="streamloader-e2e-models-")  # not in --out: the device tool returns no links
+        os.makedirs(os.path.join(root, "checkpoints"))
+        os.symlink(os.path.abspath(self.opts.checkpoint), os.path.join(root, "checkpoints",
+                                                                       os.path.basename(self.opts.checkpoint)))
         return root
 
     def server(self, name: str, flags: list[str]) -> ComfyServer | None:
