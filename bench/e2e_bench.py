@@ -69,7 +69,8 @@ def workflow(checkpoint: str, toggles: dict | None, width: int, steps: int, seed
     prompt = {
         "1": {"class_type": "StreamLoaderCheckpoint", "inputs": {"ckpt_name": name, **toggles}} if toggles else
              {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk, oil painting", "clip": ["1", 1]}},
+        "2": {"class_type": "CLIPTextEncode",
+              "inputs": {"text": "a lighthouse at dusk, oil painting", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": width, "batch_size": 1}},
         KSAMPLER: {"class_type": "KSampler", "inputs": {
@@ -191,14 +192,19 @@ class Bench:
         return root
 
     def server(self, name: str, flags: list[str]) -> ComfyServer | None:
-        """A started server with ``flags`` (None, recorded as skipped, where its ComfyUI lacks one)."""
+        """A started server with ``flags``; None, recorded as skipped, where its ComfyUI lacks a flag
+        or the server fails to start."""
         missing = [f for f in flags if f.startswith("--") and f not in accepted_flags(self.opts.comfy)]
         if missing:
             self.skipped.append(f"{name}: this ComfyUI has no {', '.join(missing)}")
             return None
         server = ComfyServer(self.opts.comfy, self.models, cpu=self.opts.cpu, extra_args=flags)
         t0 = time.perf_counter()
-        server.start()
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as error:  # recorded; the other configurations still run
+            self.skipped.append(f"{name}: the server did not start: {str(error)[-2000:]}")
+            return None
         self.servers.append({"name": name, "flags": flags, "start_s": round(time.perf_counter() - t0, 1),
                              "log": server.log_path})
         return server
@@ -224,7 +230,8 @@ class Bench:
                    peak_vram_bytes=stats["peak_vram_bytes"], sampling_peak_vram_bytes=sampling_peak,
                    peak_device_used_bytes=self.device.reset(), peak_rss_bytes=counters.peak_rss())
         print(f"  {row['loader']:4} {row['config']:28} {row['run']:5} {row['s_per_step'] or 0:7.3f} s/step "
-              f"{total:7.2f} s  read {row['disk_bytes'] / GIB:6.2f} GiB  peak {(row['peak_vram_bytes'] or 0) / GIB:6.2f} "
+              f"{total:7.2f} s  read {row['disk_bytes'] / GIB:6.2f} GiB  "
+              f"peak {(row['peak_vram_bytes'] or 0) / GIB:6.2f} "
               f"GiB  device {(row['peak_device_used_bytes'] or 0) / GIB:6.2f} GiB", flush=True)
         self.rows.append(row)
         self.write()
@@ -250,7 +257,8 @@ class Bench:
         for target in floats(self.opts.core_vram_gb):
             spare = f"{max(vram - target, 0):.2f}" if vram else "0"
             configs += [(f"core dynamic {target:g} GiB", ["--vram-headroom", spare], True, target),
-                        (f"core legacy {target:g} GiB", ["--disable-dynamic-vram", "--reserve-vram", spare], True, target)]
+                        (f"core legacy {target:g} GiB", ["--disable-dynamic-vram", "--reserve-vram", spare], True,
+                         target)]
         for name, flags, lowvram, target in configs:
             if self.out_of_time(name):
                 return
@@ -272,6 +280,8 @@ class Bench:
         if self.out_of_time("pack"):
             return
         server = self.server("pack", [])
+        if server is None:
+            return
         try:
             progress = Progress(server.url)
             for name, toggles in configs:

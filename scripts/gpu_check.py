@@ -64,7 +64,8 @@ class Check:
         self.models = os.path.join(self.work, "models")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # see notes/test-environment.md: 6 s per torch import
-        self.env["STREAMLOADER_FRONT_END_ROOT"] = os.path.join(self.work, "front-end")  # servers without the frontend package
+        # Servers start headless: the device has no frontend package.
+        self.env["STREAMLOADER_FRONT_END_ROOT"] = os.path.join(self.work, "front-end")
         os.makedirs(self.env["STREAMLOADER_FRONT_END_ROOT"])
         os.makedirs(opts.out, exist_ok=True)
         open(os.path.join(opts.out, "gpu_check.log"), "w").close()
