@@ -75,7 +75,7 @@ bench-pack: env
 # gpu-check installs its wheels, makes the tiny models, runs the tests on CUDA on both ComfyUI
 # versions, the benchmark and the end-to-end rows (an SDXL-sized checkpoint on real servers), and
 # writes gpu_check.json to $OUT (or bench/results/). No venv there. GPU_CHECK_ARGS="--stages bench,e2e"
-# runs some stages only.
+# runs some stages only; the README's recipe splits the device tool's 15 minutes in two calls.
 gpu-pack: env
 	@$(BOOT); bash scripts/gpu_pack.sh "$$VENV/bin/python" "$$COMFYUI_PATH" "$(STREAMLOADER_UPSTREAM_TARBALL)"
 

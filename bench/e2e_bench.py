@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--budgets", default="2,3.5", help="the pack's streamed budgets, GiB")
     p.add_argument("--core-vram-gb", default="4,6", help="VRAM left to core's low-VRAM servers, GiB")
-    p.add_argument("--loaders", default="core,pack", help="which loaders' rows to run")
+    p.add_argument("--loaders", default="pack,core",
+                   help="whose rows to run, in this order (the pack's first: the time limit may cut the last)")
     p.add_argument("--cpu", action="store_true", help="servers with --cpu (a rehearsal without a GPU)")
     p.add_argument("--minutes", type=float, default=4.0, help="no configuration starts after this")
     return p.parse_args()
