@@ -41,3 +41,14 @@ def test_the_devices_own_peak_counts_where_there_is_one():
     streamed = row("pack streamed 2 GiB", "warm", 0.25, 4, stream=True, device_gib=4.5)
     assert e2e_bench.targets(core + [streamed])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
         "pack streamed 2 GiB warm": False}
+
+
+def test_without_a_peak_or_a_rival_the_comparison_is_not_claimed():
+    """On the CPU there is no peak; a streamed row above every core row's peak has no rival."""
+    no_peaks = [{**r, "peak_vram_bytes": None} for r in CORE]
+    streamed = row("pack streamed 2 GiB", "warm", 0.25, 4, stream=True)
+    assert e2e_bench.targets(no_peaks + [{**streamed, "peak_vram_bytes": None}])[
+        "streamed_faster_than_core_at_equal_or_higher_peak"] == {"pack streamed 2 GiB warm": None}
+    above = row("pack streamed 12 GiB", "warm", 0.05, 12, stream=True)
+    assert e2e_bench.targets(CORE + [above])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
+        "pack streamed 12 GiB warm": None}
