@@ -4,7 +4,9 @@ For each family the blocks must be exactly the family's repeated blocks (names a
 order a real forward pass runs them, and each block's parameters must be the model's own, under the
 block's qualified name, with no parameter in two blocks.
 """
+import contextlib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -175,10 +177,27 @@ def build(family: Family, comfyui_version: tuple[int, ...]) -> torch.nn.Module:
     except (ImportError, AttributeError) as e:
         pytest.skip(f"comfy.ldm.{family.module}.{family.cls} is not in this ComfyUI: {e}")
     torch.manual_seed(SEED)
-    model = cls(operations=comfy.ops.disable_weight_init, **family.kwargs_for(comfyui_version))
+    with _weights_made_at_init():
+        model = cls(operations=comfy.ops.disable_weight_init, **family.kwargs_for(comfyui_version))
     for p in model.parameters():
         p.copy_(torch.randn_like(p) * 0.02)
     return model
+
+
+@contextlib.contextmanager
+def _weights_made_at_init():
+    """With DynamicVRAM on (upstream on a GPU), core's ops make no weights until a state dict is
+    loaded; this test fills its weights itself, so the model is built as without DynamicVRAM."""
+    memory_management = importlib.import_module("comfy.memory_management") \
+        if importlib.util.find_spec("comfy.memory_management") else None
+    enabled = getattr(memory_management, "aimdo_enabled", False)
+    if enabled:
+        memory_management.aimdo_enabled = False
+    try:
+        yield
+    finally:
+        if enabled:
+            memory_management.aimdo_enabled = True
 
 
 def execution_order(model: torch.nn.Module, blocks, run) -> list[str]:
