@@ -72,7 +72,8 @@ def test_a_real_out_of_memory_error_in_a_streamed_step_is_retried_smaller_then_e
         if not filler:
             filler.extend(fill_device())
 
-    handle = diffusion_model(model).middle_block.register_forward_pre_hook(fill_once)
+    # ComfyUI runs the middle block's layers one by one, never the block itself: hook its first layer.
+    handle = diffusion_model(model).middle_block[0].register_forward_pre_hook(fill_once)
     try:
         result = comfy.common_ksampler(model, 7, 3, 6.0, "euler", "normal", pos, neg, latent)[0]["samples"]
     finally:
@@ -144,7 +145,7 @@ def test_an_interrupt_leaves_no_copy_in_flight_and_the_next_run_is_exact(comfy, 
     # Compute falls a second behind from the step's start, so the copies queued after it (they
     # wait for compute to free their slots) are still in flight when the interrupt is raised.
     slow = unet.time_embed.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(2_000_000_000))
-    stop = unet.middle_block.register_forward_pre_hook(lambda m, a: mm.interrupt_current_processing(True))
+    stop = unet.middle_block[0].register_forward_pre_hook(lambda m, a: mm.interrupt_current_processing(True))
     try:
         with pytest.raises(mm.InterruptProcessingException):
             comfy.common_ksampler(model, 7, 3, 6.0, "euler", "normal", pos, neg, latent)
