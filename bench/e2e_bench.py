@@ -41,7 +41,7 @@ import uuid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
-from comfy_server import ComfyServer, accepted_flags, executed_nodes  # noqa: E402
+from comfy_server import ComfyServer, accepted_flags, executed_nodes, release  # noqa: E402
 from gpu_check import comfyui_version  # noqa: E402
 
 GIB = 1024**3
@@ -317,16 +317,6 @@ class Bench:
         with open(path, "w") as f:
             json.dump(self.result(), f, indent=1)
         return path
-
-
-def release(server: ComfyServer) -> None:
-    """Drop what the pack holds and wait until the worker has applied it."""
-    posted = server.post("/streamloader/release", {})["id"]
-    deadline = time.monotonic() + 60
-    while not any(r["id"] == posted for r in server.get("/streamloader/stats")["releases"]["applied"]):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"release {posted} not applied within 60 s")
-        time.sleep(0.05)
 
 
 def targets(rows: list[dict]) -> dict:

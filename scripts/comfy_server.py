@@ -197,6 +197,24 @@ def execution_error(record: dict) -> dict | None:
     return errors[0] if errors else {"exception_message": json.dumps(record["status"]["messages"])[:2000]}
 
 
+def release(server: ComfyServer, timeout: float = 60.0) -> dict:
+    """POST /streamloader/release and wait until the prompt worker applied it (between prompts);
+    returns the route's answer (what it will release)."""
+    answer = server.post("/streamloader/release", {})
+    deadline = time.monotonic() + timeout
+    while applied_release(server, answer["id"]) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"release {answer['id']} was not applied within {timeout:.0f} s")
+        time.sleep(0.02)
+    return answer
+
+
+def applied_release(server: ComfyServer, release_id: int) -> dict | None:
+    """The worker's record of an applied release (requested_at, applied_at, released), or None."""
+    applied = server.get("/streamloader/stats")["releases"]["applied"]
+    return next((r for r in applied if r["id"] == release_id), None)
+
+
 def serve_forever(comfy_path: str, port: int, models_dir: str, *more_models_dirs: str) -> None:
     """`make serve`: the demo models in ``models_dir``, and those of ``more_models_dirs`` too."""
     with ComfyServer(comfy_path, models_dir, port=port, more_models_dirs=more_models_dirs) as server:

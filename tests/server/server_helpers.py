@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 import struct
-import time
 from collections.abc import Callable
 
 import torch
-from comfy_server import MODEL_FOLDERS, REPO, ComfyServer, executed_nodes, execution_error
+from comfy_server import MODEL_FOLDERS, REPO, ComfyServer, executed_nodes, execution_error, release
 
 WORKFLOW = os.path.join(REPO, "api_workflows", "streamloader_sd15_api.json")
 SAVE_NODE = "7"
@@ -55,24 +54,6 @@ def with_lora(prompt: dict, strength: float = 0.7, lora_name: str = "tiny_sd15_l
     out[SAMPLER_NODE]["inputs"]["model"] = ["8", 0]
     out["2"]["inputs"]["clip"] = out["3"]["inputs"]["clip"] = ["8", 1]
     return out
-
-
-def release(server: ComfyServer, timeout: float = 60.0) -> dict:
-    """POST /streamloader/release and wait until the prompt worker applied it (between prompts);
-    returns the route's answer (what it will release)."""
-    answer = server.post("/streamloader/release", {})
-    deadline = time.monotonic() + timeout
-    while applied_release(server, answer["id"]) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"release {answer['id']} was not applied within {timeout:.0f} s")
-        time.sleep(0.02)
-    return answer
-
-
-def applied_release(server: ComfyServer, release_id: int) -> dict | None:
-    """The worker's record of an applied release (requested_at, applied_at, released), or None."""
-    applied = stats(server)["releases"]["applied"]
-    return next((r for r in applied if r["id"] == release_id), None)
 
 
 def reset(server: ComfyServer) -> None:

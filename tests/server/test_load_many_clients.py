@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from comfy_server import ComfyServer, executed_nodes
-from server_helpers import (LOADER_NODE, SAMPLER_NODE, applied_release, free, linked_models_dir, release, rss_bytes,
+from comfy_server import ComfyServer, applied_release, executed_nodes
+from server_helpers import (LOADER_NODE, SAMPLER_NODE, free, linked_models_dir, release, rss_bytes,
                             run_digest, sd15_prompt, stats)
 
 pytestmark = [pytest.mark.server, pytest.mark.load]
