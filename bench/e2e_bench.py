@@ -18,7 +18,9 @@ the KSampler's progress events on the websocket, first step excluded), `total_s`
 `peak_vram_bytes` (torch's max_memory_allocated via /streamloader/stats, reset per row;
 DynamicVRAM's weights are outside torch's allocator, so `peak_device_used_bytes`, the device's
 used memory sampled by nvidia-smi every 50 ms, is there too), `peak_rss_bytes` (VmHWM, reset
-per row), `loader_ran` (whether the loader node ran, or ComfyUI's cache served it). The
+per row), `loader_ran` (whether the loader node ran, or ComfyUI's cache served it),
+`stream_figures` (the pack's plan, copies, stalls and predicted step of each streaming model
+after the sampling prompt, and the page-locked bytes). The
 sampling prompt runs first, then the decoder (ComfyUI's cache serves the rest), so
 `sampling_peak_vram_bytes` leaves the VAE out. Writes DIR/e2e_bench.json, with the issue's
 targets checked under `targets`.
@@ -223,7 +225,8 @@ class Bench:
         t0 = time.perf_counter()
         args = (self.opts.checkpoint, toggles, self.opts.width, self.opts.steps, self.seed)
         sampled = server.run(workflow(*args, decode=False), timeout=600)
-        sampling_peak = server.get("/streamloader/stats")["peak_vram_bytes"]
+        sampled_stats = server.get("/streamloader/stats")
+        sampling_peak = sampled_stats["peak_vram_bytes"]
         server.run(workflow(*args, decode=True), timeout=600)
         total = time.perf_counter() - t0
         stats = server.get("/streamloader/stats")
@@ -231,7 +234,7 @@ class Bench:
                    s_per_step=progress.seconds_per_step(KSAMPLER), total_s=round(total, 3),
                    peak_vram_bytes=stats["peak_vram_bytes"], sampling_peak_vram_bytes=sampling_peak,
                    peak_device_used_bytes=self.device.reset(), peak_rss_bytes=counters.peak_rss(),
-                   loader_ran="1" in executed_nodes(sampled))
+                   loader_ran="1" in executed_nodes(sampled), stream_figures=stream_figures(sampled_stats))
         print(f"  {row['loader']:4} {row['config']:28} {row['run']:5} {row['s_per_step'] or 0:7.3f} s/step "
               f"{total:7.2f} s  read {row['disk_bytes'] / GIB:6.2f} GiB  "
               f"peak {(row['peak_vram_bytes'] or 0) / GIB:6.2f} "
@@ -317,6 +320,15 @@ class Bench:
         with open(path, "w") as f:
             json.dump(self.result(), f, indent=1)
         return path
+
+
+def stream_figures(stats: dict) -> list[dict]:
+    """The pack's streaming figures of each held model that streams (its plan, its copies and
+    stalls, its predicted and measured step) and the page-locked bytes, after the sampling prompt:
+    what a streamed row's time is made of."""
+    pinned = {k: v for k, v in stats.items() if "pinned" in k}
+    return [{"path": os.path.basename(m["path"]), **m["stream"], **pinned}
+            for m in stats.get("models", []) if m.get("stream") and m["stream"].get("steps")]
 
 
 def targets(rows: list[dict]) -> dict:
