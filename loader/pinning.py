@@ -27,6 +27,11 @@ class PinnedBook:
     def __init__(self, cap_bytes: int | None = None):
         self._cap_bytes = default_pinned_cap() if cap_bytes is None else cap_bytes
         self.own_bytes = 0
+        # Each registered buffer, by address, held until it is unregistered: memory freed while
+        # registered stays registered in CUDA's books, and a later host buffer at that address
+        # fails every copy ("CUDA error: invalid argument"). A buffer whose owner forgot to
+        # unregister it stays alive here instead, and counted in `own_bytes`.
+        self._registered: dict[int, torch.Tensor] = {}
 
     @property
     def cap_bytes(self) -> int:
@@ -40,11 +45,13 @@ class PinnedBook:
         """Page-lock ``host`` if the cap allows; False leaves it pageable (slower copies)."""
         if self.own_bytes + self.others_bytes() + host.nbytes > self.cap_bytes or not self._register(host):
             return False
+        self._registered[host.data_ptr()] = host
         self.own_bytes += host.nbytes
         return True
 
     def unregister(self, host: torch.Tensor) -> None:
         self._unregister(host)
+        self._registered.pop(host.data_ptr(), None)
         self.own_bytes -= host.nbytes
 
     def report(self) -> dict:
