@@ -11,7 +11,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 import torch
 
-from ..loader.pinning import PinnedBook
+from ..loader.pinning import PinnedBook, clear_cuda_error
 
 
 class ComfyPinnedBook(PinnedBook):
@@ -33,7 +33,14 @@ class ComfyPinnedBook(PinnedBook):
     def _register(self, host: torch.Tensor) -> bool:
         # ComfyUI pins only tensors whose type is named Parameter (0.3.75) or Tensor (upstream):
         # a Parameter view of the slab is accepted by both, at the slab's address and size.
-        return bool(mm.pin_memory(_as_parameter(host)))
+        if mm.pin_memory(_as_parameter(host)):
+            return True
+        if not hasattr(mm, "discard_cuda_async_error"):
+            # 0.3.75 leaves a failed cudaHostRegister's error set, for the next kernel launch to
+            # report as its own; upstream drops it itself. The cap was checked before this call,
+            # so a refusal here is that failure (or a slab already page-locked, which sets none).
+            clear_cuda_error()
+        return False
 
     def _unregister(self, host: torch.Tensor) -> None:
         mm.unpin_memory(_as_parameter(host))
