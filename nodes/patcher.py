@@ -68,7 +68,8 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         if self.streams_to(device_to):
             return self._load_streamed(device_to, lowvram_model_memory, force_patch_weights, **kwargs)
         before = self.loaded_size()
-        result = super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
+        with _weights_mode():
+            result = super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
         if device_to is not None and not comfy.model_management.is_device_cpu(device_to):
             get_manager().record_h2d(max(self.loaded_size() - before, 0))
         return result
@@ -149,7 +150,8 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         engine = self.stream_engine
         if engine is None or engine.attached is None:
-            freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+            with _weights_mode():
+                freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._back_to_slabs(on_host_only=True)
             return freed
         freed = engine.shrink(memory_to_free)
@@ -159,14 +161,16 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         engine = self.stream_engine
         if not unpatch_weights or engine is None:
-            return super().unpatch_model(device_to, unpatch_weights)
+            with _weights_mode():
+                return super().unpatch_model(device_to, unpatch_weights)
         engine.detach()  # host weights back in place before ComfyUI restores its backups
-        result = super().unpatch_model(None, unpatch_weights)
-        if device_to is not None:
-            if comfy.model_management.is_device_cpu(device_to):
-                self._back_to_slabs(on_host_only=False)
-            self.model.to(device_to)
-            self.model.device = device_to
+        with _weights_mode():
+            result = super().unpatch_model(None, unpatch_weights)
+            if device_to is not None:
+                if comfy.model_management.is_device_cpu(device_to):
+                    self._back_to_slabs(on_host_only=False)
+                self.model.to(device_to)
+                self.model.device = device_to
         return result
 
     def _back_to_slabs(self, on_host_only: bool) -> None:
@@ -191,6 +195,18 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
 
 _HOST = torch.device("cpu")
 _NO_LIMIT = 1e30  # ComfyUI passes 1e32 for "load it all"
+
+
+def _weights_mode():
+    """The mode ComfyUI's weight moves of the pack's models run in: inference mode, always.
+
+    ComfyUI builds models under inference mode, so their parameters are inference tensors, but it
+    unloads them from the prompt worker outside it (``POST /free``, ``unload_all_models``). A move
+    outside it makes new, normal tensors, and a normal tensor set as an inference parameter's data
+    leaves a parameter that fails at its next use ("Inference tensors do not track version
+    counter"). Moved inside it, inference parameters stay whole, and normal ones take inference
+    data without complaint (see ``loader/packing.page_aligned_empty``)."""
+    return torch.inference_mode()
 
 
 def _step_of(engine: StreamEngine):
