@@ -164,6 +164,11 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
             with _weights_mode():
                 return super().unpatch_model(device_to, unpatch_weights)
         engine.detach()  # host weights back in place before ComfyUI restores its backups
+        if not _held(self.stream_entry):
+            # Released (POST /streamloader/release) while ComfyUI still ran the model: the release
+            # closed the engine, but this run's attach page-locked its slabs again, and nothing
+            # else unregisters them before the model is dropped and their memory freed.
+            engine.close()
         with _weights_mode():
             result = super().unpatch_model(None, unpatch_weights)
             if device_to is not None:
@@ -207,6 +212,10 @@ def _weights_mode():
     counter"). Moved inside it, inference parameters stay whole, and normal ones take inference
     data without complaint (see ``loader/packing.page_aligned_empty``)."""
     return torch.inference_mode()
+
+
+def _held(entry: ModelEntry) -> bool:
+    return any(e is entry for e in get_manager().entries())
 
 
 def _step_of(engine: StreamEngine):
