@@ -144,6 +144,30 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """Resident memory of a process by kind (bytes): ``RssAnon`` (heap, anonymous mappings),
+    ``RssFile`` (mapped files: libraries, safetensors), ``RssShmem`` (shared memory, device mappings)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith("Rss"))
+    return {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
+
+
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """Resident bytes of a process per mapped object (a library's or device file's base name,
+    ``[heap]``, ``[anon]`` for anonymous mappings), from /proc/<pid>/smaps."""
+    out: dict[str, int] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                path = head[5].strip() if len(head) > 5 else ""
+                name = os.path.basename(path) if path.startswith("/") else (path or "[anon]")
+            elif head and head[0] == "Rss:":
+                out[name] = out.get(name, 0) + int(head[1]) * 1024
+    return out
+
+
 def negate_tensor_in_place(path: str, name: str) -> None:
     """Flip the sign of one float tensor in ``path``: same size and inode, new bytes and mtime."""
     header, data_start = read_raw_header(path)
