@@ -18,7 +18,8 @@ load must give back what it took, measured from after a plain and a streamed run
 go in cycles, the first a warm-up (a completed run, an interrupted one and a release), the baseline
 after it, the RSS after each later cycle: the last within 64 MiB of the baseline, and no growth
 from the middle third of the cycles to the last. The figures say where memory went: RSS by kind and
-by mapping, the pack's pinned bytes, glibc's heap and torch's pinned host allocator (memory_probe.py)."""
+by mapping, the pack's pinned bytes, glibc's heap and torch's pinned host allocator (memory_probe.py);
+STREAMLOADER_LOAD_REPORT=PATH writes them there as JSON, for runs whose output is not kept."""
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from server_helpers import (LOADER_NODE, SAMPLER_NODE, free, linked_models_dir, 
 pytestmark = [pytest.mark.server, pytest.mark.load]
 
 SECONDS_ENV = "STREAMLOADER_LOAD_SECONDS"
+REPORT_ENV = "STREAMLOADER_LOAD_REPORT"  # a path: the memory figures are written there as JSON
 POLLERS, POLL_PERIOD_S = 4, 0.01
 STATS_LATENCY_LIMIT_S = 0.1
 RSS_SLACK = 64 * 2**20
@@ -44,7 +46,9 @@ TREND_SLACK = 16 * 2**20  # the last third of the cycles against the middle thir
 CYCLES = 7  # the streamed phase's cycles: a warm-up, then 6 measured
 MIB = 2**20
 BIG_UNET = "big_sd15_unet.safetensors"
+_WARM_UP = (("completed", "a completed run"), ("interrupted", "an interrupted run"), ("release", "a release"))
 GIB = 2**30
+Records = list[tuple[int, dict]]  # (seed, /history record) of each streamed run
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +164,19 @@ class Memory:
                 f"{mib(host.get('allocated_bytes.current')) if host else 'n/a'}; glibc heap in use "
                 f"{mib(heap.get('in_use_bytes'))}, free {mib(heap.get('free_bytes'))}")
         if base is not None:
-            grown = sorted(((v - base.mappings.get(k, 0), k) for k, v in self.mappings.items()), reverse=True)[:4]
-            text += f"; grown since {since}: " + (", ".join(f"{k} {d / MIB:+.0f}" for d, k in grown if d >= MIB)
+            grown = self.grown(base, 4)
+            text += f"; grown since {since}: " + (", ".join(f"{k} {d / MIB:+.0f}" for k, d in grown.items())
                                                        or "no mapping by 1 MiB or more")
         return text
+
+    def grown(self, base: "Memory", count: int) -> dict[str, int]:
+        """The ``count`` mappings whose resident bytes grew most since ``base``, by 1 MiB or more."""
+        grown = sorted(((v - base.mappings.get(k, 0), k) for k, v in self.mappings.items()), reverse=True)[:count]
+        return {k: d for d, k in grown if d >= MIB}
+
+    def summary(self, base: "Memory | None" = None) -> dict:
+        out = {"rss_bytes": self.rss, **self.parts, **self.pinned, **self.probe}
+        return out if base is None else {**out, "grown_mappings": self.grown(base, 8)}
 
 
 def idle_memory(server: ComfyServer) -> Memory:
@@ -194,7 +207,7 @@ class LoadRun:
     eager_nodes: set[str]  # the nodes the eager-load prompt executed
     held: dict
     load_reads: int
-    records: list[tuple[int, dict]]
+    records: Records
     disturber: "Disturber"
     errors: list[str]
     before_eager: Memory  # after a plain and two streamed runs
@@ -233,8 +246,27 @@ def load_run(load_server, comfy_device) -> LoadRun:
     print(f"load test: before the eager load {before_eager.line()}")
     print(f"load test: after it {after_eager.line(before_eager, 'before it')}")
 
+    records, disturber, samples, pollers = streamed_cycles(server, seconds)
+    outcomes = [outcome(r) for _, r in records]
+    print(f"load test: {len(records)} runs ({outcomes.count('completed')} completed, "
+          f"{outcomes.count('interrupted')} interrupted), {len(disturber.releases)} releases, "
+          f"{disturber.interrupts} interrupts; stats latency during the runs {_summary(pollers.latencies())}")
+    print(f"load test: RSS {samples[0].rss / MIB:.0f} -> {samples[-1].rss / MIB:.0f} MiB after the warm-up cycle, "
+          f"trend {growth_trend(samples[1:]) / MIB:+.0f} MiB; {time.monotonic() - started:.0f} s in all")
+    errors = idle_pollers.errors + small_pollers.errors + load_pollers.errors + pollers.errors
+    run = LoadRun(server, references, idle_pollers.latencies(), during_load, executed_nodes(big), held, load_reads,
+                  records, disturber, errors, before_eager, after_eager, samples[0], samples[1:])
+    if os.environ.get(REPORT_ENV):
+        _write_report(os.environ[REPORT_ENV], run)
+    return run
+
+
+def streamed_cycles(server: ComfyServer, seconds: float) -> tuple[Records, Disturber, list[Memory], Pollers]:
+    """Phase 2: streamed runs back to back for about ``seconds`` while the stats are polled and a
+    client releases and interrupts at random, in CYCLES cycles with the idle memory after each.
+    Returns (seed and record of each run, the disturber, the memory after each cycle, the pollers)."""
     records, samples = [], []
-    with Pollers(server) as pollers:  # phase 2: streamed runs, releases and interrupts at random moments
+    with Pollers(server) as pollers:
         disturber = Disturber(server)
         disturber.start()
         phase_start = time.monotonic()
@@ -244,27 +276,30 @@ def load_run(load_server, comfy_device) -> LoadRun:
                 seed = 1 + len(records) % 2
                 records.append((seed, server.submit(streamed(seed))))
                 now = time.monotonic()
-                if now >= cycle_end and (cycle or _warmed_up(records, disturber) or now >= warm_up_cap):
+                if now >= cycle_end and (cycle or not _warm_up_missing(records, disturber) or now >= warm_up_cap):
                     break
             samples.append(idle_memory(server))
-            print(f"load test: cycle {cycle}{' (warm-up)' if cycle == 0 else ''}, {len(records)} runs so far: "
-                  f"{samples[-1].line(samples[0] if cycle else None)}")
+            missing = _warm_up_missing(records, disturber)
+            label = f"cycle {cycle}" if cycle else "warm-up" + (f" (without {' or '.join(missing)})" if missing else "")
+            print(f"load test: {label}, {len(records)} runs so far: {samples[-1].line(samples[0] if cycle else None)}")
         disturber.stop.set()
         disturber.join()
-    outcomes = [outcome(r) for _, r in records]
-    print(f"load test: {len(records)} runs ({outcomes.count('completed')} completed, "
-          f"{outcomes.count('interrupted')} interrupted), {len(disturber.releases)} releases, "
-          f"{disturber.interrupts} interrupts; stats latency during the runs {_summary(pollers.latencies())}")
-    print(f"load test: RSS {samples[0].rss / MIB:.0f} -> {samples[-1].rss / MIB:.0f} MiB after the warm-up cycle, "
-          f"trend {growth_trend(samples[1:]) / MIB:+.0f} MiB; {time.monotonic() - started:.0f} s in all")
-    errors = idle_pollers.errors + small_pollers.errors + load_pollers.errors + pollers.errors
-    return LoadRun(server, references, idle_pollers.latencies(), during_load, executed_nodes(big), held, load_reads,
-                   records, disturber, errors, before_eager, after_eager, samples[0], samples[1:])
+    return records, disturber, samples, pollers
 
 
-def _warmed_up(records: list[tuple[int, dict]], disturber: "Disturber") -> bool:
-    """The runs so far have seen a completed run, an interrupted one and a release."""
-    return {"completed", "interrupted"} <= {outcome(r) for _, r in records} and bool(disturber.releases)
+def _warm_up_missing(records: Records, disturber: Disturber) -> list[str]:
+    """What the runs so far have not seen of a completed run, an interrupted one and a release."""
+    seen = {outcome(r) for _, r in records} | ({"release"} if disturber.releases else set())
+    return [words for kind, words in _WARM_UP if kind not in seen]
+
+
+def _write_report(path: str, run: LoadRun) -> None:
+    """The memory figures as JSON (STREAMLOADER_LOAD_REPORT), for a run whose output is not kept."""
+    report = {"before_eager": run.before_eager.summary(), "after_eager": run.after_eager.summary(run.before_eager),
+              "baseline": run.baseline.summary(), "cycles": [m.summary(run.baseline) for m in run.cycles],
+              "runs": [outcome(r) for _, r in run.records], "growth_trend_bytes": growth_trend(run.cycles)}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def test_many_clients_at_once(load_run):
