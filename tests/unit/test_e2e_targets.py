@@ -71,3 +71,13 @@ def test_without_a_peak_or_a_rival_the_comparison_is_not_claimed():
     above = row("pack streamed 12 GiB", "warm", 0.05, 12, stream=True)
     assert e2e_bench.targets(CORE + [above])["streamed_faster_than_core_at_equal_or_higher_peak"] == {
         "pack streamed 12 GiB warm": None}
+
+
+def test_steps_are_counted_by_the_progress_value_not_by_the_events():
+    """Upstream sends at most one progress event per 100 ms: steps of 0.105 s lose some."""
+    progress = e2e_bench.Progress.__new__(e2e_bench.Progress)
+    values = [1, 2, 4, 5, 7, 8, 10]  # steps 3, 6 and 9 sent no event
+    progress.events = [(0.105 * (v - 1), {"node": "5", "value": v, "max": 10}) for v in values]
+    progress.events.append((0.5, {"node": "9", "value": 1, "max": 1}))
+    assert abs(progress.seconds_per_step("5") - 0.105) < 1e-9
+    assert progress.seconds_per_step("7") is None
