@@ -38,7 +38,8 @@ class StreamModelPatcher(comfy.model_patcher.ModelPatcher):
         n.stream_options = options
         if not options.offload_to_cpu:
             n.offload_device = n.load_device
-        if n.stream_engine is not None:
+        if n.stream_engine is not None and options.stream_layers and options.offload_to_cpu:
+            # Only a model that may stream: each step's stats snapshot walks every parameter.
             n.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "streamloader_step", _step_of(n.stream_engine))
         return n
 
@@ -229,7 +230,8 @@ def _step_of(engine: StreamEngine):
             with engine.step(shapes_of(args, kwargs)):  # one model call is one streamed step
                 return _retry_out_of_memory(engine, executor, *args, **kwargs)
         finally:
-            executor.class_obj.model_loaded_weight_memory = engine.held_bytes  # a profiled step may re-plan
+            if engine.attached is not None:  # a profiled step may re-plan; detached, ComfyUI's count stands
+                executor.class_obj.model_loaded_weight_memory = engine.held_bytes
             get_manager().publish()
 
     return streamed_step
