@@ -9,6 +9,8 @@ Reads what `make gpu-pack` put in .gpu/ (ComfyUI copies as .tar.xz, wheels), and
 4. runs bench/stream_bench.py;
 5. end to end (bench/e2e_bench.py): an SDXL-sized checkpoint made on the GPU (scripts/make_sdxl.py),
    then real servers of the newest ComfyUI copy, core's loader against the pack's;
+6. only when asked (`--stages diag`): the tests that failed on the H200, each in its own process,
+   under the variants of scripts/gpu_diag.py, with each one's outcome and first error;
 and writes gpu_check.json (device, date, versions, test counts in all and per ComfyUI version,
 the benchmarks' JSON paths) to $OUT, or bench/results/, after every stage, and the stages'
 output to gpu_check.log beside it.
@@ -17,7 +19,7 @@ tests get what the later stages' reserves leave, which at the default 9 minutes 
 with the device tool's 15 minutes, run `--stages bench,e2e --minutes 7` and then, on the warm
 machine, `--stages tests --minutes 5` (the README has the recipe).
 
-Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 9] [--stages tests,bench,e2e] [--pytest-args ARGS]
+Usage: python3 scripts/gpu_check.py [--pack .gpu] [--minutes 9] [--stages tests,bench,e2e|diag] [--pytest-args ARGS]
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 
+import gpu_diag
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_DIRS = ["tests/unit", "tests/comfy", "tests/server"]
 
@@ -44,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pack", default=os.path.join(REPO, ".gpu"), help="what `make gpu-pack` prepared")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "bench", "results"))
     p.add_argument("--minutes", type=float, default=9, help="deadline for all stages together")
-    p.add_argument("--stages", default="tests,bench,e2e", help="which of tests, bench, e2e to run")
+    p.add_argument("--stages", default="tests,bench,e2e", help="which of tests, bench, e2e, diag to run")
+    p.add_argument("--diag-parallel", type=int, default=8, help="diag jobs run at once (the exclusive ones alone)")
     p.add_argument("--bench-reserve-s", type=float, default=170,
                    help="seconds kept for the benchmark (134 s on an H200 on 2026-11-28, with the earlier engine)")
     p.add_argument("--e2e-reserve-s", type=float, default=200,
@@ -86,15 +91,33 @@ class Check:
                      cwd: str = REPO) -> dict[str, dict]:
         """Run stages at the same time (name: (command, env)), each as ``run`` does."""
         until = time.monotonic() + min(self.remaining(), limit_s or self.remaining())
-        started = {}
-        for name, (cmd, env) in commands.items():
-            log_path = os.path.join(self.work, f"{name}.log")
-            print(f"== {name}: {shlex.join(cmd)}", flush=True)
-            with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-                process = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)  # its own group: servers it starts die with it
-            started[name] = (process, cmd, log_path, time.monotonic())
+        started = {name: self._start(name, cmd, env, cwd) for name, (cmd, env) in commands.items()}
         return {name: self._finish(name, *started[name], until) for name in started}
+
+    def run_pool(self, jobs: list[tuple[str, list[str], dict, float]], parallel: int) -> dict[str, dict]:
+        """Run (name, command, env, limit_s) jobs ``parallel`` at a time, each stopped after its own
+        limit or at the deadline; a job the deadline leaves no time to start is not started."""
+        waiting, running, done = list(jobs), {}, {}
+        while waiting or running:
+            while waiting and len(running) < parallel and self.remaining() > 5:
+                name, cmd, env, limit_s = waiting.pop(0)
+                running[name] = (*self._start(name, cmd, env, REPO), time.monotonic() + min(limit_s, self.remaining()))
+            if not running:
+                break
+            for name, (process, cmd, log_path, start, until) in list(running.items()):
+                if process.poll() is not None or time.monotonic() > until:
+                    done[name] = self._finish(name, process, cmd, log_path, start, until)
+                    del running[name]
+            time.sleep(0.2)
+        return {**done, **{name: {"name": name, "not_run": "deadline reached"} for name, *_ in waiting}}
+
+    def _start(self, name: str, cmd: list[str], env: dict | None, cwd: str) -> tuple:
+        log_path = os.path.join(self.work, f"{name}.log")
+        print(f"== {name}: {shlex.join(cmd)}", flush=True)
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(cmd, cwd=cwd, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # its own group: servers it starts die with it
+        return process, cmd, log_path, time.monotonic()
 
     def _finish(self, name: str, process: subprocess.Popen, cmd: list[str], log_path: str, start: float,
                 until: float) -> dict:
@@ -183,6 +206,25 @@ class Check:
             stages[f"tests-gpu-{version}"] = self.run(f"tests-gpu-{version}", cmd, env=env, limit_s=limit)
         self.result["tests"] = _totals({v: _merge([stages[f"tests-{v}"], stages[f"tests-gpu-{v}"]]) for v in versions})
 
+    def diag_command(self, job: gpu_diag.Job) -> tuple[list[str], dict]:
+        """One diag job's pytest command and environment (its variant's variables on top)."""
+        env = {**self.env, "COMFYUI_PATH": self.result["comfyui"][job.version], "STREAMLOADER_MODELS": self.models,
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(REPO, "scripts"), self.env.get("PYTHONPATH")])),
+               **job.env}
+        junit = os.path.join(self.work, f"junit-{job.name}.xml")
+        return [sys.executable, "-m", "pytest", "-p", "pytest_diag_pins", *job.tests, "-q", "-rfE", "-p", "no:cacheprovider",
+                *(["-m", job.marks] if job.marks else []), f"--junitxml={junit}"], env
+
+    def diag(self) -> None:
+        """The failing tests alone, per variant (scripts/gpu_diag.py): the shared jobs
+        ``--diag-parallel`` at a time, then the ones that fill the device, one at a time."""
+        jobs = gpu_diag.plan(sorted(self.result["comfyui"], key=_version_key))
+        shared = [(j.name, *self.diag_command(j), j.timeout_s) for j in jobs if not j.exclusive]
+        stages = self.run_pool(shared, self.opts.diag_parallel)
+        stages.update(self.run_pool([(j.name, *self.diag_command(j), j.timeout_s) for j in jobs if j.exclusive], 1))
+        self.result["diag"] = diag_results(jobs, stages)
+        self.write()
+
     def reserved_s(self) -> float:
         """Seconds the tests leave for the later stages."""
         stages = self.stages()
@@ -190,10 +232,10 @@ class Check:
 
     def stages(self) -> list[str]:
         stages = self.opts.stages.split(",")
-        unknown = set(stages) - {"tests", "bench", "e2e"}
+        unknown = set(stages) - {"tests", "bench", "e2e", "diag"}
         if unknown:
             raise SystemExit(f"--stages {self.opts.stages}: no stage {', '.join(sorted(unknown))}; "
-                             "use some of tests, bench, e2e, comma-separated")
+                             "use some of tests, bench, e2e, diag, comma-separated")
         return stages
 
     def bench(self) -> None:
@@ -265,6 +307,28 @@ def junit_counts(path: str) -> dict:
             "failures": failures, "properties": properties}
 
 
+def diag_results(jobs: list[gpu_diag.Job], stages: dict[str, dict]) -> dict:
+    """Each diag job's outcome (counts from its JUnit report, the first error from its log), and the
+    summary table {target: {version: {variant: outcome}}}."""
+    out = []
+    for job in jobs:
+        stage = stages.get(job.name, {"not_run": "deadline reached"})
+        row = {"name": job.name, "target": job.target, "version": job.version, "variant": job.variant,
+               "tests": list(job.tests), "env": job.env}
+        if "not_run" in stage:
+            out.append({**row, "not_run": stage["not_run"]})
+            continue
+        junit = stage.get("junit", "")
+        counts = junit_counts(junit) if os.path.exists(junit) else {"passed": 0, "failed": 0, "skipped": 0,
+                                                                     "failures": []}
+        with open(stage["log"], errors="replace") as f:
+            error = gpu_diag.first_error(f.read())
+        out.append({**row, **{k: counts[k] for k in ("passed", "failed", "skipped", "failures")},
+                    "returncode": stage["returncode"], "timed_out": stage["timed_out"], "seconds": stage["seconds"],
+                    "first_error": error, "log": stage["log"]})
+    return {"jobs": out, "summary": gpu_diag.summary(out)}
+
+
 def _merge(stages: list[dict]) -> dict:
     """One version's counts from its stages' JUnit reports (named in their commands)."""
     out = {"passed": 0, "failed": 0, "skipped": 0, "failures": [], "properties": {}, "seconds": 0.0,
@@ -300,9 +364,12 @@ def main() -> None:
     check.probe()
     if not opts.skip_install:
         check.install()
-    if "tests" in stages:
+    if "tests" in stages or "diag" in stages:
         check.make_models()
+    if "tests" in stages:
         check.tests()
+    if "diag" in stages:
+        check.diag()
     for name, stage in (("bench", check.bench), ("e2e", check.e2e)):
         if name in stages and check.remaining() > 60:
             stage()
@@ -317,6 +384,10 @@ def main() -> None:
                      for v in tests["by_comfyui"].values()) or \
         any("not_run" in (check.result.get(name) or {}) for name in ("bench", "e2e"))
     broken = [s["name"] for s in check.result["stages"] if "junit" not in s and s["returncode"] != 0]
+    if "diag" in stages:
+        print(json.dumps(check.result["diag"]["summary"], indent=1), flush=True)
+    if stages == ["diag"]:  # a diagnosis reports what failed; it fails only where it could not run
+        sys.exit(1 if broken else 0)
     sys.exit(1 if tests["failed"] or incomplete or broken else 0)  # tests count by their reports
 
 
