@@ -14,6 +14,10 @@ def test_the_packs_pins_and_comfyuis_share_one_cap(pack, monkeypatch):
 
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 4 * _MIB)
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 4 * _MIB - 4096)  # ComfyUI pinned nearly all of it
+    if hasattr(mm, "ensure_pin_registerable"):
+        # Upstream makes room by evicting ComfyUI's real pins (earlier tests leave some on a GPU),
+        # which takes their bytes off the faked total: the pins counted here are fakes to keep.
+        monkeypatch.setattr(mm, "ensure_pin_registerable", lambda size, evict_active=True: 0)
     book = ComfyPinnedBook(cap_bytes=1 << 30)
     assert book.cap_bytes == 4 * _MIB, "the smaller of ComfyUI's cap and the pack's"
     assert not book.register(torch.empty(8192, dtype=torch.uint8)), "over the shared cap: left pageable"
