@@ -183,6 +183,8 @@ class Check:
         env = {**self.env, "COMFYUI_PATH": self.result["comfyui"][version], "STREAMLOADER_MODELS": self.models,
                # No test starts in the last 60 s of the stage: pytest ends in time and writes its report.
                "STREAMLOADER_TEST_DEADLINE": str(time.time() + limit_s - 60),
+               # The load test's per-cycle memory figures, kept when it passes (pytest keeps no output then).
+               "STREAMLOADER_LOAD_REPORT": os.path.join(self.opts.out, f"load_memory-{version}.json"),
                "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(REPO, "scripts"), self.env.get("PYTHONPATH")]))}
         junit = os.path.join(self.work, f"junit-{version}-{marks.replace(' ', '-')}.xml")
         return [sys.executable, "-m", "pytest", "-p", "pytest_deadline", *TEST_DIRS, "-q", "-rfE", "-m", marks,
