@@ -226,13 +226,17 @@ def _step_of(engine: StreamEngine):
     the stats snapshot when the step ends (the thread contract in loader/manager.py)."""
 
     def streamed_step(executor, *args, **kwargs):
+        held = engine.held_bytes
         try:
             with engine.step(shapes_of(args, kwargs)):  # one model call is one streamed step
                 return _retry_out_of_memory(engine, executor, *args, **kwargs)
         finally:
             if engine.attached is not None:  # a profiled step may re-plan; detached, ComfyUI's count stands
                 executor.class_obj.model_loaded_weight_memory = engine.held_bytes
-            get_manager().publish()
+            if engine.held_bytes == held:  # the same placement: its figures are what changed
+                get_manager().publish_step(engine)
+            else:
+                get_manager().publish()
 
     return streamed_step
 

@@ -91,6 +91,21 @@ def test_lora_on_a_streamed_model_equals_core_and_is_patched_once(comfy, manager
     assert engine_of(manager).figures.streamed_units > 0
 
 
+def test_each_streamed_step_renews_the_snapshot_without_walking_every_model(comfy, manager, reference, monkeypatch):
+    """The stats snapshot follows every step, but a whole one (a walk over every parameter of every
+    held model) is built only at loads and re-plans, not inside the sampling loop."""
+    pos, neg, latent, _ = reference
+    model = streamed_checkpoint(manager, 0.6)[0]
+    sample(comfy, model, pos, neg, latent)  # the first run profiles a step and may re-plan
+    walks, whole = [], type(manager).stats
+    monkeypatch.setattr(type(manager), "stats", lambda self: walks.append(1) or whole(self))
+    sample(comfy, model, pos, neg, latent)
+    figures = engine_of(manager).figures
+    (stream,) = [m["stream"] for m in manager.snapshot()["models"] if m["stream"]]
+    assert stream["steps"] == figures.steps >= 3 and stream["streamed_bytes"] == figures.streamed_bytes
+    assert len(walks) < figures.steps
+
+
 def test_budget_below_the_minimum_fails_before_sampling(comfy, manager, reference):
     from comfyui_streamloader.loader import BudgetTooSmallError
 
