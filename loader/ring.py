@@ -39,10 +39,7 @@ class Ring:
         self.live: list[Extent] = []  # not released, oldest first
         self.head = 0  # where the newest extent ends: the next one starts here if it fits
         self._freed: list[Extent] = []  # released, not yet overwritten
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(e.nbytes for e in self.live)
+        self.held_bytes = 0  # bytes of the live extents
 
     def allocate(self, nbytes: int, tag: Any) -> Extent | None:
         """The next extent of ``nbytes`` for ``tag``, or None while the ring is too full.
@@ -53,6 +50,10 @@ class Ring:
         if nbytes > self.nbytes:
             raise ValueError(f"a unit of {nbytes} bytes does not fit a staging ring of {self.nbytes} bytes; "
                              "the plan's ring must hold its largest streamed unit")
+        # Every gap is free bytes, so with fewer free bytes than asked no gap holds them: the
+        # full search (a sort of the live extents) is skipped, as it is most calls of a full ring.
+        if nbytes > self.nbytes - self.held_bytes:
+            return None
         offset = self._free_offset(nbytes)
         if offset is None:
             return None
@@ -61,6 +62,7 @@ class Ring:
         extent.overwrites = [e.tag for e in overlaps]
         self._freed = [e for e in self._freed if e not in overlaps]
         self.live.append(extent)
+        self.held_bytes += nbytes
         self.head = extent.end
         return extent
 
@@ -68,6 +70,7 @@ class Ring:
         """Its unit's compute is done: its bytes may be overwritten (after its release)."""
         extent.done = True
         self.live.remove(extent)
+        self.held_bytes -= extent.nbytes
         self._freed.append(extent)
 
     def drop_from(self, extent: Extent) -> None:
@@ -76,6 +79,7 @@ class Ring:
         so a later copy follows theirs."""
         k = self.live.index(extent)
         self.head = extent.offset
+        self.held_bytes -= sum(e.nbytes for e in self.live[k:])
         del self.live[k:]
 
     def _free_offset(self, nbytes: int) -> int | None:
