@@ -14,7 +14,7 @@ MODELS ?= $(MODELS_DEFAULT)
 PYTEST_ARGS ?=
 PYTEST_MARKS ?=
 
-.PHONY: env models demo serve test test-load test-upstream unit bench bench-pack gpu-pack gpu-check
+.PHONY: env models demo serve test test-load test-upstream unit bench bench-virtual bench-pack gpu-pack gpu-check
 
 env:
 	@$(BOOT) >/dev/null
@@ -64,6 +64,10 @@ unit: env
 # The streaming benchmark: on a GPU if there is one, else on the simulated device (CPU).
 bench: env
 	@$(BOOT); "$$VENV/bin/python" bench/stream_bench.py --comfy "$$COMFYUI_PATH" $(BENCH_ARGS)
+
+# The end-to-end streamed rows on the virtual clock (no GPU): what the schedule alone costs.
+bench-virtual: env
+	@$(BOOT); "$$VENV/bin/python" bench/sdxl_virtual.py --comfy "$$COMFYUI_PATH" $(BENCH_ARGS)
 
 # A copy of ComfyUI in .comfy/ (git-ignored) for a GPU machine that has torch but not ComfyUI:
 # carry .comfy and run `python3 bench/stream_bench.py` there.
