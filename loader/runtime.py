@@ -27,6 +27,8 @@ from .ring import Extent, Ring
 from .simulator import Span, Timeline
 from .threads import owned_by_one_thread
 
+_KEPT_OFFSETS = 4  # ring offsets per unit whose views are kept
+
 
 @dataclass(eq=False)
 class _Stay:
@@ -102,6 +104,7 @@ class StepRuntime:
         self.copies: list[tuple[int, Any]] = []  # (unit, event) since the last step ended: the bandwidth
         self.timer: _StepTimer | None = None
         self.host_views: dict[int, list[torch.Tensor]] = {}
+        self.ring_views: dict[int, dict[int, list[torch.Tensor]]] = {}  # unit -> extent offset -> views
         self.step_start = None
         self.placed = self.device.record()  # fresh ring bytes: compute queued before the ring existed
         self.hooks = self._install_hooks()
@@ -212,6 +215,7 @@ class StepRuntime:
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.ring, self.entered, self.live, self.queued = [], None, {}, {}, []
+        self.ring_views = {}  # views of the ring would keep its device bytes alive
         self.device.synchronize()
 
     def _stay_for(self, i: int, expected: bool) -> _Stay:
@@ -259,12 +263,18 @@ class StepRuntime:
             del self.queued[keep:]
 
     def _ring_views(self, stay: _Stay) -> list[torch.Tensor]:
-        base = self.memory.ring[stay.extent.offset:stay.extent.end]
-        return [spec.view(base) for spec in self.units[stay.unit].specs]
+        # In a steady state a unit lands where it landed the step before: its views there are kept
+        # (a few offsets a unit, the oldest forgotten; the ring's tensor lives as long as this runtime).
+        offset, kept = stay.extent.offset, self.ring_views.setdefault(stay.unit, {})
+        if offset not in kept:
+            if len(kept) >= _KEPT_OFFSETS:
+                del kept[next(iter(kept))]
+            kept[offset] = self.units[stay.unit].views(self.memory.ring[offset:stay.extent.end])
+        return kept[offset]
 
     def _host_views(self, i: int) -> list[torch.Tensor]:
         if i not in self.host_views:
-            self.host_views[i] = [spec.view(self.memory.host_bases[i]) for spec in self.units[i].specs]
+            self.host_views[i] = self.units[i].views(self.memory.host_bases[i])
         return self.host_views[i]
 
     def _install_hooks(self) -> list:

@@ -1,9 +1,17 @@
-"""The staging ring's shortcuts give the answers of a plain search over its bytes."""
+"""The staging ring's shortcuts give the answers of a plain search over its bytes, and the
+views kept for a unit's offsets in the ring point where the unit lands."""
+import os
 import random
+import sys
 
 import pytest
+import torch
 
-from loader.ring import Ring
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_streaming_engine's model
+from test_streaming_engine import Stack, chunked, device, run  # noqa: E402
+from loader import runtime  # noqa: E402
+from loader.config import StreamConfig  # noqa: E402
+from loader.ring import Ring  # noqa: E402
 
 
 def reference_offset(ring: Ring, nbytes: int) -> int | None:
@@ -47,3 +55,26 @@ def test_ring_answers_match_a_plain_search(seed):
         elif ring.live:
             ring.drop_from(rng.choice(ring.live))
         assert ring.held_bytes == sum(e.nbytes for e in ring.live)
+
+
+@pytest.mark.parametrize("kept", [1, runtime._KEPT_OFFSETS])
+def test_streamed_weights_are_read_from_wherever_the_unit_lands(monkeypatch, kept):
+    """Rings where units land at other offsets from step to step; with one offset kept a unit,
+    every move forgets the views kept."""
+    monkeypatch.setattr(runtime, "_KEPT_OFFSETS", kept)
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(4, 8)
+    (expected,) = run(model, x, 1)
+    engine = chunked(model, StreamConfig(plan_from_profile=False))
+    moves = []
+    for slots in (2, 3, 4):
+        engine.attach(device(), engine.fixed_bytes + slots * max(engine.unit_bytes) + 20480, prefetch_depth=slots - 1)
+        seen: dict[int, set[int]] = {}
+        hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(id(m), set()).add(m.weight.data_ptr()))
+                 for m in model.modules() if isinstance(m, torch.nn.Linear)]  # after the engine's: what is read
+        assert all(torch.equal(out, expected) for out in run(model, x, 8, engine))
+        for hook in hooks:
+            hook.remove()
+        engine.detach()
+        moves.append(max(len(ptrs) for ptrs in seen.values()))
+    assert max(moves) > 1, "units moved in the ring"
