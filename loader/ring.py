@@ -84,8 +84,11 @@ class Ring:
 
     def _free_offset(self, nbytes: int) -> int | None:
         """The first gap between live extents, going round from the head, that holds ``nbytes``."""
+        head, end = self.head, self.head + nbytes
+        if end <= self.nbytes and all(e.end <= head or end <= e.offset for e in self.live):
+            return head  # the gap holding the head comes first round the ring: no sort when it holds them
         if not self.live:
-            return self.head if self.head + nbytes <= self.nbytes else 0
+            return 0
         starts = sorted(self.live, key=lambda e: e.offset)
         gaps = [(a.end, b.offset) for a, b in zip(starts, starts[1:])]
         gaps += [(starts[-1].end, self.nbytes), (0, starts[0].offset)]
