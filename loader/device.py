@@ -93,6 +93,11 @@ class Device:
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, after):
         raise NotImplementedError
 
+    def page_locked(self, host: torch.Tensor) -> bool:
+        """Whether ``host`` is page-locked now (the simulated device: its book says so). A copy from
+        memory that is not blocks the host until the copy stream reaches it, at about half speed."""
+        return self.pinned.holds(host)
+
     def wait(self, event):
         """Make compute wait for ``event``; returns a token for ``stall_seconds`` if it had to wait."""
         raise NotImplementedError
@@ -231,6 +236,10 @@ class CudaDevice(Device):
             end.record(self.copy_stream)
         end.start = start
         return end
+
+    def page_locked(self, host: torch.Tensor) -> bool:
+        # The driver's answer, not the books': a registration someone else undid shows here.
+        return host.is_pinned()
 
     def wait(self, event):
         compute = torch.cuda.current_stream(self.torch_device)

@@ -23,6 +23,9 @@ class StreamFigures:
     predicted_seconds: float | None = None  # the plan's simulated step, once a step was profiled
     steps: int = 0
     streamed_bytes: int = 0
+    # Of those, copied from host memory the device found not page-locked at the copy (the books
+    # may say otherwise): such a copy runs at about half speed and holds the host until it is done.
+    pageable_bytes: int = 0
     copy_seconds: float = 0.0
     stall_seconds: float = 0.0
     step_seconds: float = 0.0

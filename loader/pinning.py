@@ -54,6 +54,10 @@ class PinnedBook:
         self._registered.pop(host.data_ptr(), None)
         self.own_bytes -= host.nbytes
 
+    def holds(self, host: torch.Tensor) -> bool:
+        """Whether ``host`` starts a buffer this book registered (and has not unregistered)."""
+        return host.data_ptr() in self._registered
+
     def report(self) -> dict:
         return {"pinned_bytes": self.own_bytes, "pinned_by_comfyui_bytes": self.others_bytes(),
                 "pinned_cap_bytes": self.cap_bytes}

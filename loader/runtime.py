@@ -46,6 +46,7 @@ class Tally:
     """Events of copies, stalls and steps not yet read into the figures (read when asked for)."""
 
     streamed_bytes: int = 0
+    pageable_bytes: int = 0  # of those, copied from host memory that was not page-locked
     steps: int = 0
     copies: list = field(default_factory=list)
     stalls: list = field(default_factory=list)
@@ -244,9 +245,12 @@ class StepRuntime:
         stay = extent.tag = _Stay(i, extent)
         readers = [s for s in extent.overwrites if s.released is not None]
         after = max(readers, key=lambda s: s.seq).released if readers else self.placed
-        stay.ready = self.device.copy(self.memory.ring[extent.offset:extent.end], self.memory.host_bases[i], after)
+        host = self.memory.host_bases[i]
+        stay.ready = self.device.copy(self.memory.ring[extent.offset:extent.end], host, after)
         self.tally.copies.append(stay.ready)
         self.tally.streamed_bytes += nbytes
+        if not self.device.page_locked(host):
+            self.tally.pageable_bytes += nbytes
         self.copies.append((i, stay.ready))
         return stay
 

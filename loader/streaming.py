@@ -317,6 +317,7 @@ class _Placement:
         tally = self.runtime.take_tally()
         figures.steps += tally.steps
         figures.streamed_bytes += tally.streamed_bytes
+        figures.pageable_bytes += tally.pageable_bytes
         for name, seconds in tally.seconds(self.device).items():
             setattr(figures, name, getattr(figures, name) + seconds)
 

@@ -63,7 +63,8 @@ def stream_lines(model) -> list[str]:
         return []
     efficiency = f"{f.overlap_efficiency:.0%}" if f.overlap_efficiency is not None else "n/a (no overlap on this device)"
     budget = "no cap" if f.budget_bytes is None else f"{f.budget_bytes / _MIB:.1f} MiB"
-    return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB over {f.steps} steps, "
+    pageable = f" ({f.pageable_bytes / _MIB:.1f} MiB from memory not page-locked)" if f.pageable_bytes else ""
+    return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB{pageable} over {f.steps} steps, "
             f"{f.resident_units} units resident, {f.streamed_units} streamed through a ring of {f.slots}",
             f"copies {f.copy_seconds:.3f} s, compute stalled {f.stall_seconds:.3f} s, "
             f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}"]

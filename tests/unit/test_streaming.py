@@ -206,6 +206,27 @@ def test_pinned_memory_is_capped_and_counted(x):
     assert device.pinned_bytes == 0 and device.held_bytes == 0
 
 
+def test_copies_from_memory_not_page_locked_are_counted(x):
+    """What the device finds at each copy, not what the books say: a slab unregistered behind the
+    engine's back (by ComfyUI, say) counts from then on."""
+    model = make_model()
+    engine = StreamEngine(model, model, config=SPREAD)
+    device = SimulatedDevice(pinned=PinnedBook(cap_bytes=3 * block_bytes(engine)))
+    engine.attach(device, engine.fixed_bytes + 2 * block_bytes(engine))
+    with torch.inference_mode():
+        stepped(engine, model, x)
+    before = engine.figures
+    assert 0 < before.pageable_bytes < before.streamed_bytes
+    pinned = next(u for u in engine.units if u.pinned_on is not None)
+    device.pinned.unregister(pinned.slab)  # its unit still says pinned_on
+    engine.begin_run()
+    with torch.inference_mode():
+        stepped(engine, model, x)
+    after = engine.figures
+    assert after.streamed_bytes == before.streamed_bytes
+    assert after.pageable_bytes == before.pageable_bytes + pinned.nbytes
+
+
 def test_memory_pinned_by_comfyui_counts_against_the_cap(x):
     model = make_model()
     engine = StreamEngine(model, model)
