@@ -267,6 +267,12 @@ class Bench:
               f"{total:7.2f} s  read {row['disk_bytes'] / GIB:6.2f} GiB  "
               f"peak {(row['peak_vram_bytes'] or 0) / GIB:6.2f} "
               f"GiB  device {(row['peak_device_used_bytes'] or 0) / GIB:6.2f} GiB", flush=True)
+        for f in row["stream_figures"]:
+            steps = max(f["steps"], 1)
+            print(f"       streamed: device step {f['step_seconds'] / steps:.3f} s, stalled {f['stall_seconds'] / steps:.3f} s, "
+                  f"copies {f['copy_seconds'] / steps:.3f} s, {f['streamed_bytes'] / steps / GIB:.2f} GiB a step "
+                  f"({f['pageable_bytes'] / steps / GIB:.2f} pageable), predicted "
+                  f"{f['predicted_seconds'] or 0:.3f} s, ring {f['ring_bytes'] / 2**20:.0f} MiB", flush=True)
         self.rows.append(row)
         self.write()
         return row
