@@ -81,3 +81,11 @@ def test_steps_are_counted_by_the_progress_value_not_by_the_events():
     progress.events.append((0.5, {"node": "9", "value": 1, "max": 1}))
     assert abs(progress.seconds_per_step("5") - 0.105) < 1e-9
     assert progress.seconds_per_step("7") is None
+
+
+def test_a_streamed_row_is_held_to_the_resident_step():
+    rows = [*CORE, row("pack lazy", "warm", 0.100, 9), row("pack eager", "warm", 0.104, 9),
+            row("pack streamed 2 GiB", "warm", 0.104, 4, stream=True),
+            row("pack streamed 2 GiB", "freed", 0.180, 4, stream=True)]
+    assert e2e_bench.targets(rows)["streamed_within_5_percent_of_the_resident_step"] == {
+        "pack streamed 2 GiB warm": True, "pack streamed 2 GiB freed": False}
