@@ -26,11 +26,14 @@ class StreamConfig:
             (None: the planner's ring; set, it fixes the ring and the spread plan is kept).
         plan_from_profile: after a step is profiled (per activation shape), re-plan the resident
             set and the ring from the measured costs.
+        chunks_in_call_order: after the first streamed step, group split blocks' chunks in the
+            order their layers were called, not the order they were registered in.
     """
 
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     prefetch_depth: int | None = None
     plan_from_profile: bool = True
+    chunks_in_call_order: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 0:

@@ -9,7 +9,9 @@ order is learned again at the end of the step.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+from torch import nn
 
 
 class CallOrder:
@@ -58,3 +60,24 @@ class CallOrder:
             if unit in keep and unit not in seen:
                 seen.add(unit)
                 yield unit
+
+
+class ModuleCalls:
+    """The modules of ``modules`` called during one step, in call order (forward pre-hooks, removed
+    by ``close``): the order the engine groups a block's chunks in."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.calls: list[nn.Module] = []
+        self._hooks = [m.register_forward_pre_hook(lambda m, a: self.calls.append(m)) for m in modules]
+
+    def first_call(self) -> dict[int, int]:
+        """Each called module's first call, by id: its position among the modules first called."""
+        first: dict[int, int] = {}
+        for module in self.calls:
+            first.setdefault(id(module), len(first))
+        return first
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

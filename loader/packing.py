@@ -85,23 +85,30 @@ class Unit:
     """A block, or a chunk of a large block: its parameters packed into one contiguous host slab,
     the unit of a copy."""
 
-    def __init__(self, name: str, block: nn.Module, modules: list[nn.Module], pending: frozenset[int]):
+    def __init__(self, name: str, block: nn.Module, modules: list[nn.Module], pending: frozenset[int] = frozenset(),
+                 sources: dict[tuple[int, str], torch.Tensor] | None = None):
         """
         Args:
             block: the block this unit belongs to.
             modules: the modules whose own parameters the unit holds (the whole block, or a chunk).
+            pending: ids of parameters not read yet (their memory holds nothing worth copying).
+            sources: the bytes to pack, by ``(id(module), name)``, instead of the parameters' own
+                (``repack``: the old slabs); a parameter that no longer holds its source (patched)
+                keeps what it holds.
         """
         self.name, self.module, self.modules = name, block, modules
         params = [(m, n, p, False) for m in modules for n, p in m._parameters.items() if p is not None]
         self.specs, self.nbytes = layout(params)
         self.slab = page_aligned_empty(self.nbytes)
         self.pinned_on: Device | None = None  # the device that page-locked the slab
-        for spec, (_, _, p, _) in zip(self.specs, params):
+        for spec, (module, name, p, _) in zip(self.specs, params):
             view = spec.view(self.slab)
-            if id(p) not in pending:  # unread parameters hold nothing worth copying
+            source = p.data if sources is None else sources[(id(module), name)]
+            if id(p) not in pending:
                 with torch.inference_mode():
-                    view.copy_(p.data)
-            p.data = view
+                    view.copy_(source)
+            if p.data.data_ptr() == source.data_ptr():
+                p.data = view
 
     def weight_modules(self) -> list[nn.Module]:
         """The modules whose call enters this unit: those holding its parameters, and the block
@@ -138,14 +145,21 @@ class Unit:
             spec.point(view)
 
 
-def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
+def split_block(block: nn.Module, chunk_bytes: int, first_call: dict[int, int] | None = None) -> list[list[nn.Module]]:
     """The block's parameter-holding modules, in order, as one chunk or (over 2 x chunk_bytes)
     as consecutive chunks of about ``chunk_bytes`` each (a larger module is a chunk alone).
+
+    The order is the registration order, or with ``first_call`` (each module's first call in a
+    step, by id) the call order: a chunk then holds layers that run one after another, so it is
+    entered once a step (Flux registers a block's image layers before its text layers, and calls
+    them interleaved). Modules never called go last, in registration order.
 
     In a split block, modules under chunk_bytes / 64 (norm scales, biases of their own) stay
     out of every chunk, so resident: attention reads its q/k norms between the qkv and proj
     layers, and a chunk holding them would be entered twice a step."""
     holders = [m for m in block.modules() if any(p is not None for p in m._parameters.values())]
+    if first_call is not None:
+        holders.sort(key=lambda m: first_call.get(id(m), len(first_call)))
     sizes = [sum(p.nbytes for p in m._parameters.values() if p is not None) for m in holders]
     if not chunk_bytes or sum(sizes) <= 2 * chunk_bytes:
         return [list(block.modules())]
@@ -158,3 +172,11 @@ def split_block(block: nn.Module, chunk_bytes: int) -> list[list[nn.Module]]:
         current.append(module)
         size += nbytes
     return chunks + [current]
+
+
+def repack(name: str, units: list[Unit], chunks: list[list[nn.Module]]) -> list[Unit]:
+    """Block ``name``'s ``units`` packed again as ``chunks`` (the same modules, grouped otherwise): the
+    new slabs are filled from the old ones, which hold the unpatched bytes whatever the model holds now."""
+    block = units[0].module
+    sources = {(id(s.module), s.name): s.view(u.slab) for u in units for s in u.specs}
+    return [Unit(f"{name}[{k}]", block, modules, sources=sources) for k, modules in enumerate(chunks)]

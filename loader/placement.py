@@ -75,6 +75,7 @@ class DeviceMemory:
         for tensor in self.allocations:
             self.device.release(tensor)
         self.allocations, self.ring = [], None
+        self.host_bases = []  # a regrouped unit's old slab must not outlive its placement
 
     def _is_pinned(self, i: int) -> bool:
         base = self.host_bases[i]

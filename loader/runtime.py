@@ -216,7 +216,7 @@ class StepRuntime:
         for hook in self.hooks:
             hook.remove()
         self.hooks, self.ring, self.entered, self.live, self.queued = [], None, {}, {}, []
-        self.ring_views = {}  # views of the ring would keep its device bytes alive
+        self.ring_views, self.host_views = {}, {}  # views keep the ring's device bytes and old slabs alive
         self.device.synchronize()
 
     def _stay_for(self, i: int, expected: bool) -> _Stay:

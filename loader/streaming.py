@@ -29,7 +29,8 @@ from .config import StreamConfig
 from .device import Device
 from .figures import EngineSnapshot, StreamFigures
 from .options import GIB
-from .packing import TensorSpec, Unit, layout, split_block
+from .order import ModuleCalls
+from .packing import TensorSpec, Unit, layout, repack, split_block
 from .placement import DeviceMemory
 from .planner import Plan, plan_for_profile, plan_residency
 from .profile import Profile
@@ -59,10 +60,14 @@ class StreamEngine:
         config = config or StreamConfig()
         self.config = config if chunk_bytes is None else replace(config, chunk_bytes=chunk_bytes)
         self.root, self.blocks_root = root, blocks_root
-        self.units = [Unit(f"{name}[{k}]" if len(chunks) > 1 else name, block, modules, pending)
-                      for name, block in discover_blocks(blocks_root)
-                      for chunks in [split_block(block, self.config.chunk_bytes)]
-                      for k, modules in enumerate(chunks)]
+        self.units: list[Unit] = []
+        self._split: list[tuple[str, nn.Module]] = []  # blocks in chunks, until regrouped in call order
+        for name, block in discover_blocks(blocks_root):
+            chunks = split_block(block, self.config.chunk_bytes)
+            if len(chunks) > 1 and self.config.chunks_in_call_order:
+                self._split.append((name, block))
+            self.units += [Unit(f"{name}[{k}]" if len(chunks) > 1 else name, block, modules, pending)
+                           for k, modules in enumerate(chunks)]
         self.profiles: dict[tuple, Profile] = {}  # by activation shapes
         self._steps_at: Counter[tuple] = Counter()  # completed steps by activation shapes
         self._last_key: tuple | None = None  # the activation shapes of the last completed step
@@ -207,17 +212,22 @@ class StreamEngine:
         profiling, timed, self._time_next = self._profiles_at(key), self._time_next, False
         if timed:
             self.timeline = None  # this step's, or none when nothing streams
-        self.attached.runtime.begin_step(timed=profiling or timed and self.attached.runtime.ring is not None)
+        streams = self.attached.runtime.ring is not None
+        calls = ModuleCalls(m for u in self.units for m in u.weight_modules()) if self._split and streams else None
+        self.attached.runtime.begin_step(timed=profiling or timed and streams)
         completed = False
         try:
             yield
             completed = True
         finally:
+            if calls is not None:
+                calls.close()
             placement = self.attached
             profile, timeline = placement.end_step(completed, key) if placement is not None else (None, None)
             if completed and placement is not None:
                 self._steps_at[key] += 1
-                self._step_ended(key, profile if profiling else None, timeline)
+                if calls is None or not self._regroup(calls):  # regrouped, the old units' profile is void
+                    self._step_ended(key, profile if profiling else None, timeline)
 
     def time_next_step(self) -> None:
         """Time the next step's copies and compute per unit (``timeline``), profiled or not."""
@@ -245,6 +255,42 @@ class StreamEngine:
                  key, len(plan.resident), plan.ring_bytes / 2**20, 1e3 * plan.predicted_seconds)
         self._replace(placement.device, placement.plan.budget_bytes, plan)
 
+    def _regroup(self, calls: ModuleCalls) -> bool:
+        """After the first streamed step: pack the split blocks again with their chunks grouped in
+        call order, one block at a time (host memory grows by one block at most), and place the
+        model again when a grouping changed; False when none did. Profiles of the old units go."""
+        first, split, self._split = calls.first_call(), self._split, []
+        placement, figures, regrouped = self.attached, self.figures, 0
+        for name, block in split:
+            at = [i for i, u in enumerate(self.units) if u.module is block]
+            chunks = split_block(block, self.config.chunk_bytes, first)
+            if {frozenset(map(id, c)) for c in chunks} == {frozenset(map(id, self.units[i].modules)) for i in at}:
+                continue
+            if not regrouped:
+                self.detach()
+            self._repack(name, slice(at[0], at[-1] + 1), chunks)
+            regrouped += 1
+        if not regrouped:
+            return False
+        self.profiles.clear()
+        self.timeline = None
+        log.info("StreamLoader: %d blocks regrouped into chunks in call order", regrouped)
+        unit_of = {id(m): i for i, u in enumerate(self.units) for m in u.weight_modules()}
+        entered = [unit_of[id(m)] for m in calls.calls]
+        order = [i for k, i in enumerate(entered) if k == 0 or entered[k - 1] != i]
+        plan = plan_residency(self.unit_bytes, self.fixed_bytes, placement.plan.budget_bytes, placement.prefetch_depth)
+        self._place(placement.device, plan, placement.prefetch_depth, placement.check_interrupt, order)
+        self._figures = figures.placed(self._figures)
+        return True
+
+    def _repack(self, name: str, at: slice, chunks: list[list[nn.Module]]) -> None:
+        """Block ``name``'s units (``self.units[at]``) packed again as ``chunks``; the old slabs unpinned."""
+        old = self.units[at]
+        self.units[at] = repack(name, old, chunks)
+        for unit in old:
+            if unit.pinned_on is not None:
+                unit.pinned_on.unpin(unit.slab)
+
     def _profiles_at(self, key: tuple) -> bool:
         """Whether the step about to run at ``key`` is profiled: it streams, at a shape not yet
         profiled, after the device's warm-up steps at that shape."""
@@ -256,8 +302,10 @@ class StreamEngine:
         """Profiled plans replace the spread plan unless a prefetch depth fixes the ring or the config says no."""
         return depth is None and self.config.plan_from_profile
 
-    def _place(self, device: Device, plan: Plan, depth: int | None, check_interrupt) -> None:
-        order = self.attached.runtime.order.order if self.attached is not None else None
+    def _place(self, device: Device, plan: Plan, depth: int | None, check_interrupt,
+               order: list[int] | None = None) -> None:
+        if order is None and self.attached is not None:
+            order = self.attached.runtime.order.order
         self.detach()
         self.attached = _Placement(self, device, plan, self._fixed_tensors(), depth, check_interrupt, order)
         self.begin_run()

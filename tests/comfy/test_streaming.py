@@ -69,6 +69,8 @@ def test_mmdit_streamed_in_sub_block_chunks_equals_core(comfy, manager, monkeypa
     assert torch.equal(sample(comfy, ours, pos, neg, latent), sample(comfy, core, pos, neg, latent))
     figures = engine.figures
     assert figures.streamed_bytes > 0 and figures.peak_device_bytes <= figures.budget_bytes
+    order = engine.snapshot().order  # a joint block registers its context layers first, calls them interleaved
+    assert order and len(set(order)) == len(order), "chunks regrouped in call order: each entered once a step"
 
 
 def test_lora_on_a_streamed_model_equals_core_and_is_patched_once(comfy, manager, reference, monkeypatch):
