@@ -16,7 +16,8 @@ unit before), plus reading its weights once at HBM speed, calibrated so the resi
 A measured GPU step far above these is lost outside the schedule (host time, pageable copies).
 The engine's first step groups its chunks in call
 order (``--registration-order`` keeps them as registered, for comparison); ``entries`` counts the
-unit entries a step makes. Writes DIR/sdxl_virtual.json (DIR/sdxl_virtual_registration_order.json).
+unit entries a step makes, and ``profile`` the cost profile the rows ran on (the planner's unit
+tests plan on it). Writes DIR/sdxl_virtual.json (DIR/sdxl_virtual_registration_order.json).
 """
 from __future__ import annotations
 
@@ -181,7 +182,9 @@ def main() -> None:
     out = {"model": "SDXL UNet (ComfyUI's UNetModel, bf16)", "chunks": "registration order" if
            opts.registration_order else "call order", "units": len(engine.units),
            "unit_bytes": sum(sizes.values()), "fixed_bytes": engine.fixed_bytes, "entries": len(entries),
-           "resident_ms": opts.resident_ms, "bandwidth": opts.bandwidth, "rows": rows}
+           "resident_ms": opts.resident_ms, "bandwidth": opts.bandwidth, "rows": rows,
+           "profile": {"unit_bytes": profile.unit_bytes, "order": profile.order, "entry_seconds": profile.entry_seconds,
+                       "bandwidth": profile.bandwidth, "fixed_bytes": profile.fixed_bytes}}
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, "sdxl_virtual_registration_order.json" if opts.registration_order else
                         "sdxl_virtual.json")
