@@ -184,3 +184,9 @@ def test_ring_drops_wrong_guesses():
     ring.drop_from(b)
     assert [e.tag for e in ring.live] == ["a"]
     assert ring.allocate(200, "d").offset == 100
+
+
+def test_a_plan_is_remembered_for_its_profile_and_budget(flux):
+    budget = budget_at(flux, 0.5)
+    assert plan_for_profile(flux, budget) is plan_for_profile(flux, budget)
+    assert plan_for_profile(flux, budget + 1) is not plan_for_profile(flux, budget)
