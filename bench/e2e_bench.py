@@ -272,7 +272,8 @@ class Bench:
             print(f"       streamed: device step {f['step_seconds'] / steps:.3f} s, stalled {f['stall_seconds'] / steps:.3f} s, "
                   f"copies {f['copy_seconds'] / steps:.3f} s, {f['streamed_bytes'] / steps / GIB:.2f} GiB a step "
                   f"({f['pageable_bytes'] / steps / GIB:.2f} pageable), predicted "
-                  f"{f['predicted_seconds'] or 0:.3f} s, ring {f['ring_bytes'] / 2**20:.0f} MiB", flush=True)
+                  f"{f['predicted_seconds'] or 0:.3f} s, ring {f['ring_bytes'] / 2**20:.0f} MiB, engine host "
+                  f"{f['host_seconds'] / steps * 1e3:.1f} ms a step", flush=True)
         self.rows.append(row)
         self.write()
         return row

@@ -29,6 +29,9 @@ class StreamFigures:
     copy_seconds: float = 0.0
     stall_seconds: float = 0.0
     step_seconds: float = 0.0
+    # The engine's own host time in steps (its hooks' bookkeeping, wall-clock): the sampling loop
+    # runs it between kernel launches, so on a host-bound step it adds to the step.
+    host_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property

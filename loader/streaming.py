@@ -366,6 +366,7 @@ class _Placement:
         figures.steps += tally.steps
         figures.streamed_bytes += tally.streamed_bytes
         figures.pageable_bytes += tally.pageable_bytes
+        figures.host_seconds += tally.host_seconds
         for name, seconds in tally.seconds(self.device).items():
             setattr(figures, name, getattr(figures, name) + seconds)
 

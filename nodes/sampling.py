@@ -67,7 +67,8 @@ def stream_lines(model) -> list[str]:
     return [f"streamed ({f.device} device): {f.streamed_bytes / _MIB:.1f} MiB{pageable} over {f.steps} steps, "
             f"{f.resident_units} units resident, {f.streamed_units} streamed through a ring of {f.slots}",
             f"copies {f.copy_seconds:.3f} s, compute stalled {f.stall_seconds:.3f} s, "
-            f"overlap efficiency {efficiency} | device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}"]
+            f"overlap efficiency {efficiency}, engine host time {f.host_seconds:.3f} s | "
+            f"device peak {f.peak_device_bytes / _MIB:.1f} MiB of {budget}"]
 
 
 class StreamLoaderKSampler(io.ComfyNode):

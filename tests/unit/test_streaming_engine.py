@@ -242,3 +242,34 @@ def test_a_fixed_prefetch_depth_keeps_the_spread_plan_and_profiles_nothing(model
     plan = engine.attach(device(), engine.fixed_bytes + sum(engine.unit_bytes) // 2)
     run(model, x, 3, engine)
     assert engine.attached.plan == plan and plan.slots == 2 and not engine.profiles
+
+
+def test_the_engine_counts_its_own_host_time_in_steps(model, x):
+    """Wall-clock time in the hooks and step ends: what a host-bound step pays the engine."""
+    import time
+
+    engine = chunked(model)
+    engine.attach(device(), engine.fixed_bytes + 3 * max(engine.unit_bytes))
+    run(model, x, 1, engine)
+    engine.begin_run()
+    started = time.perf_counter()
+    run(model, x, 3, engine)
+    wall = time.perf_counter() - started
+    figures = engine.figures
+    assert figures.steps == 3 and 0 < figures.host_seconds < wall
+    assert figures.as_dict()["host_seconds"] == figures.host_seconds
+
+
+def test_a_placement_where_nothing_streams_hooks_no_layer(model, x):
+    """Hooks cost every layer call; without a ring they would only learn an order nobody uses."""
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    (expected,) = run(model, x, 1)
+    engine = chunked(model)
+    engine.attach(device(), None)
+    assert hooks() == 0
+    assert all(torch.equal(out, expected) for out in run(model, x, 2, engine))
+    assert engine.figures.steps == 2
+    engine.attach(device(), engine.fixed_bytes + 3 * max(engine.unit_bytes))
+    assert hooks() > 0
