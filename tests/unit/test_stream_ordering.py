@@ -14,7 +14,7 @@ events), so this test logs every copy's device bytes and virtual span and every 
   still being written.
 
 Random small models (layers run again within a block, blocks called twice a step, chunked
-units), random budgets and prefetch depths, interrupted steps and out-of-memory retries
+units, chunks regrouped in call order), random budgets and prefetch depths, interrupted steps and out-of-memory retries
 (``retry_smaller``) drive the engine; outputs must also equal the resident model's exactly. The
 last test plants ordering bugs in the device and shows the checks find them.
 """
@@ -64,9 +64,9 @@ class RecordingDevice(SimulatedDevice):
     taken as entered at its compute.
     """
 
-    def __init__(self, units, **kwargs):
+    def __init__(self, engine, **kwargs):
         super().__init__(**kwargs)
-        self.units = {u.name: u for u in units}
+        self.engine = engine  # its units, looked up at each compute: regrouping chunks replaces them
         self.copies: list[Copy] = []
         self.reads: list[Read] = []
         self.seq = 0
@@ -88,7 +88,8 @@ class RecordingDevice(SimulatedDevice):
         start = self.now
         super().compute(name, nbytes)
         seq = self._next()
-        tensors = [spec.get() for spec in self.units[name].specs]
+        (unit,) = [u for u in self.engine.units if u.name == name]
+        tensors = [spec.get() for spec in unit.specs]
         ranges = tuple((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
         self.reads.append(Read(name, seq if self.entry is None else self.entry, ranges, start, self.now))
         self.entry = None
@@ -102,8 +103,8 @@ class CopiesIgnoreReleases(RecordingDevice):
     """Planted bug: a ring copy starts as soon as the copy stream is free instead of after the
     compute that last read its bytes (the copy stream's missing ``wait_event``)."""
 
-    def __init__(self, units, **kwargs):
-        super().__init__(units, **kwargs)
+    def __init__(self, engine, **kwargs):
+        super().__init__(engine, **kwargs)
         self.epoch = self.record()
 
     def copy(self, dst, src, after=None):
@@ -183,8 +184,12 @@ def random_model(rng: random.Random) -> Model:
 
 def attach_randomly(engine: StreamEngine, rng: random.Random, device_class: type[RecordingDevice]) -> RecordingDevice:
     """Attach under a random budget and prefetch depth, with random copy bandwidth and unit compute costs."""
-    cost = {u.name: rng.uniform(0.1, 3.0) * 1e-6 for u in engine.units}
-    device = device_class(engine.units, bandwidth=rng.uniform(0.5e9, 5e9), compute=lambda name, nbytes: cost[name])
+    salt, costs = rng.random(), {}
+
+    def cost(name: str, nbytes: int) -> float:  # by name: chunks regrouped in call order get theirs too
+        return costs.setdefault(name, random.Random(f"{salt}{name}").uniform(0.1, 3.0) * 1e-6)
+
+    device = device_class(engine, bandwidth=rng.uniform(0.5e9, 5e9), compute=cost)
     total, largest = sum(engine.unit_bytes), max(engine.unit_bytes)
     room = int(rng.uniform(0, 0.8) * total) + rng.randint(1, 3) * largest
     budget = engine.fixed_bytes + min(room, total - 1)  # something streams
@@ -274,3 +279,21 @@ def test_the_checks_find_a_planted_ordering_bug_that_exact_output_misses(bug, ch
     runs = [streamed_run(seed, bug) for seed in range(5)]
     assert not any(inexact for _, inexact in runs), "the simulated device copies in host order: output stays exact"
     assert any(check(device) for device, _ in runs)
+
+
+def test_some_seeds_regroup_chunks_in_call_order(monkeypatch):
+    """Seeds 33 and 38 shuffle a chunked block's layers: their chunks are regrouped after the first
+    streamed step, so the checks above also cover a placement made again with new units."""
+    import loader.streaming as streaming
+
+    regrouped, regroup = [], streaming.StreamEngine._regroup
+
+    def spy(self, calls):
+        regrouped.append(regroup(self, calls))
+        return regrouped[-1]
+
+    monkeypatch.setattr(streaming.StreamEngine, "_regroup", spy)
+    for seed in (33, 38):
+        regrouped.clear()
+        streamed_run(seed)
+        assert True in regrouped, f"seed {seed} no longer regroups its chunks"
