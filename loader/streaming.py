@@ -1,7 +1,8 @@
 """The streaming engine's facade: a diffusion model's units stream through a staging ring.
 
 At build time each block's parameters (or each chunk's, for large blocks) are packed into one
-host slab (``packing.py``). ``attach`` places the model under a VRAM budget: the planner keeps
+host slab (``packing.py``); after the first streamed step the chunks are grouped again in the
+order their layers ran (``chunking.py``). ``attach`` places the model under a VRAM budget: the planner keeps
 the weights outside the blocks and a share of the units resident (``planner.py``), the rest is
 copied into a ring of R bytes during each step (``placement.py``, ``runtime.py``), in the call
 order learned from the last step (``order.py``). A step is bracketed by ``step()`` (in ComfyUI,
@@ -24,13 +25,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .blocks import discover_blocks
+from .chunking import entered_units, pack_units, regroup_block, regroupings
 from .config import StreamConfig
 from .device import Device
 from .figures import EngineSnapshot, StreamFigures
 from .options import GIB
 from .order import ModuleCalls
-from .packing import TensorSpec, Unit, layout, repack, split_block
+from .packing import TensorSpec, Unit, layout
 from .placement import DeviceMemory
 from .planner import Plan, plan_for_profile, plan_residency
 from .profile import Profile
@@ -60,14 +61,8 @@ class StreamEngine:
         config = config or StreamConfig()
         self.config = config if chunk_bytes is None else replace(config, chunk_bytes=chunk_bytes)
         self.root, self.blocks_root = root, blocks_root
-        self.units: list[Unit] = []
-        self._split: list[tuple[str, nn.Module]] = []  # blocks in chunks, until regrouped in call order
-        for name, block in discover_blocks(blocks_root):
-            chunks = split_block(block, self.config.chunk_bytes)
-            if len(chunks) > 1 and self.config.chunks_in_call_order:
-                self._split.append((name, block))
-            self.units += [Unit(f"{name}[{k}]" if len(chunks) > 1 else name, block, modules, pending)
-                           for k, modules in enumerate(chunks)]
+        self.units, split = pack_units(blocks_root, self.config.chunk_bytes, pending)
+        self._split = split if self.config.chunks_in_call_order else []  # until regrouped in call order
         self.profiles: dict[tuple, Profile] = {}  # by activation shapes
         self._steps_at: Counter[tuple] = Counter()  # completed steps by activation shapes
         self._last_key: tuple | None = None  # the activation shapes of the last completed step
@@ -257,39 +252,24 @@ class StreamEngine:
 
     def _regroup(self, calls: ModuleCalls) -> bool:
         """After the first streamed step: pack the split blocks again with their chunks grouped in
-        call order, one block at a time (host memory grows by one block at most), and place the
-        model again when a grouping changed; False when none did. Profiles of the old units go."""
-        first, split, self._split = calls.first_call(), self._split, []
-        placement, figures, regrouped = self.attached, self.figures, 0
-        for name, block in split:
-            at = [i for i, u in enumerate(self.units) if u.module is block]
-            chunks = split_block(block, self.config.chunk_bytes, first)
-            if {frozenset(map(id, c)) for c in chunks} == {frozenset(map(id, self.units[i].modules)) for i in at}:
-                continue
-            if not regrouped:
-                self.detach()
-            self._repack(name, slice(at[0], at[-1] + 1), chunks)
-            regrouped += 1
-        if not regrouped:
+        call order and place the model again; False when no grouping changed. Profiles of the old
+        units go."""
+        split, self._split = self._split, []
+        changes = regroupings(self.units, split, self.config.chunk_bytes, calls.first_call())
+        if not changes:
             return False
+        placement, figures = self.attached, self.figures
+        self.detach()
+        for change in changes:
+            regroup_block(self.units, change)
         self.profiles.clear()
         self.timeline = None
-        log.info("StreamLoader: %d blocks regrouped into chunks in call order", regrouped)
-        unit_of = {id(m): i for i, u in enumerate(self.units) for m in u.weight_modules()}
-        entered = [unit_of[id(m)] for m in calls.calls]
-        order = [i for k, i in enumerate(entered) if k == 0 or entered[k - 1] != i]
+        log.info("StreamLoader: %d blocks regrouped into chunks in call order", len(changes))
         plan = plan_residency(self.unit_bytes, self.fixed_bytes, placement.plan.budget_bytes, placement.prefetch_depth)
-        self._place(placement.device, plan, placement.prefetch_depth, placement.check_interrupt, order)
+        self._place(placement.device, plan, placement.prefetch_depth, placement.check_interrupt,
+                    entered_units(self.units, calls.calls))
         self._figures = figures.placed(self._figures)
         return True
-
-    def _repack(self, name: str, at: slice, chunks: list[list[nn.Module]]) -> None:
-        """Block ``name``'s units (``self.units[at]``) packed again as ``chunks``; the old slabs unpinned."""
-        old = self.units[at]
-        self.units[at] = repack(name, old, chunks)
-        for unit in old:
-            if unit.pinned_on is not None:
-                unit.pinned_on.unpin(unit.slab)
 
     def _profiles_at(self, key: tuple) -> bool:
         """Whether the step about to run at ``key`` is profiled: it streams, at a shape not yet

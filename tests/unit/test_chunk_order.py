@@ -152,9 +152,9 @@ def test_an_interrupted_first_step_regroups_at_the_next(model, x):
 
 def test_blocks_are_regrouped_one_at_a_time(model, x, monkeypatch):
     """Host memory grows by one block at most: a block's old slabs are gone before the next is packed."""
-    import loader.streaming as streaming
+    import loader.chunking as chunking
 
-    replaced, repack = [], streaming.repack
+    replaced, repack = [], chunking.repack
 
     def one_at_a_time(name, units, chunks):
         gc.collect()
@@ -162,7 +162,7 @@ def test_blocks_are_regrouped_one_at_a_time(model, x, monkeypatch):
         replaced.extend(weakref.ref(obj) for u in units for obj in (u, u.slab))
         return repack(name, units, chunks)
 
-    monkeypatch.setattr(streaming, "repack", one_at_a_time)
+    monkeypatch.setattr(chunking, "repack", one_at_a_time)
     engine = engine_for(model)
     engine.attach(SimulatedDevice(), engine.fixed_bytes + 2 * max(engine.unit_bytes))
     steps(engine, model, x, 1)
