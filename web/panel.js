@@ -46,6 +46,7 @@ function streamFigures(stream) {
     ["last run", `${stream.steps} steps on the ${stream.device} device`],
     ["units", `${stream.resident_units} resident, ${stream.streamed_units} streamed, ring of ${stream.slots}`],
     ["copies", `${stream.copy_seconds.toFixed(3)} s, stalled ${stream.stall_seconds.toFixed(3)} s`],
+    ["engine host", `${stream.host_seconds.toFixed(3)} s`],
     ["overlap", overlap],
     ["peak", `${formatBytes(stream.peak_device_bytes)} of ${formatBytes(stream.budget_bytes)}`],
   ]);

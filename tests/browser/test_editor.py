@@ -2,6 +2,7 @@
 each example from the Templates dialog, press Run, read the figures on the nodes, open the
 StreamLoader tab, see the model (and, streamed, its residency strip), press Release, see it empty."""
 import os
+import re
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
@@ -61,6 +62,7 @@ def test_a_template_runs_and_shows_its_figures_and_the_panel(editor_server, comf
     cells = model["cells"]
     if title == STREAMED:
         assert cells["resident"] + cells["streamed"] == 5 and cells["streamed"] >= 3 and cells["ring"] >= 1
+        assert re.search(r"engine host\s*\d+\.\d{3} s", model["text"]), model["text"]
     else:
         assert cells == {"resident": 0, "streamed": 0, "ring": 0}
     screenshot(page, f"{name}-panel")
