@@ -1,21 +1,28 @@
-"""One plan's device memory: the weights outside the blocks, the resident units and the ring.
+"""One plan's placement: its device memory and the step runtime over it.
 
 ``DeviceMemory`` allocates what a plan keeps on the device, copies the fixed and resident
 weights in and points the model at them, page-locks the streamed units' host bytes (within the
 pinned cap) and allocates the staging ring's buffer; ``close`` undoes all of it. It moves no
-data during a step: that is the runtime's job (``runtime.py``).
+data during a step: that is the runtime's job (``runtime.py``). ``Placement`` is one attach of
+the engine: the two together, and the figures read from them.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .device import Device
+from .figures import StreamFigures
 from .options import GIB
 from .packing import Unit, layout
 from .planner import Plan
+from .profile import Profile
+from .runtime import StepRuntime
+from .simulator import Timeline
+from .threads import owned_by_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +117,50 @@ class DeviceMemory:
                 self.pinned_patched.append(base)
         elif unit.pinned_on is None and self.device.pin(base):
             unit.pinned_on = self.device
+
+
+@owned_by_one_thread
+class Placement:
+    """One attach: the plan's device memory and the step runtime over it."""
+
+    def __init__(self, units: list[Unit], device: Device, plan: Plan,
+                 fixed: list[tuple[nn.Module, str, torch.Tensor, bool]], prefetch_depth: int | None,
+                 check_interrupt: Callable[[], None] | None, order: list[int] | None):
+        self.device, self.plan = device, plan
+        self.prefetch_depth, self.check_interrupt = prefetch_depth, check_interrupt
+        self.memory = DeviceMemory(units, fixed, device, plan)
+        try:
+            self.runtime = StepRuntime(units, self.memory, order or list(range(len(units))), check_interrupt)
+        except BaseException:
+            device.synchronize()  # the placement's copies may still be in flight
+            self.memory.close()
+            raise
+
+    @property
+    def held_bytes(self) -> int:
+        return self.memory.held_bytes
+
+    def fresh_figures(self) -> StreamFigures:
+        self.runtime.reset_tally()  # copies made at placement are not this run's
+        return StreamFigures(
+            device=self.device.kind, budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes,
+            peak_device_bytes=self.held_bytes, resident_units=len(self.plan.resident),
+            streamed_units=len(self.memory.streamed), slots=self.plan.slots, ring_bytes=self.plan.ring_bytes,
+            predicted_seconds=self.plan.predicted_seconds, notes=self.memory.pinning_notes())
+
+    def read_figures(self, figures: StreamFigures) -> None:
+        """Add the events counted since the last read to ``figures``."""
+        tally = self.runtime.take_tally()
+        figures.steps += tally.steps
+        figures.streamed_bytes += tally.streamed_bytes
+        figures.pageable_bytes += tally.pageable_bytes
+        figures.host_seconds += tally.host_seconds
+        for name, seconds in tally.seconds(self.device).items():
+            setattr(figures, name, getattr(figures, name) + seconds)
+
+    def end_step(self, completed: bool = True, key: tuple = ()) -> tuple[Profile | None, Timeline | None]:
+        return self.runtime.end_step(completed, key)
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.memory.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,11 +22,13 @@ from torch import nn
 from .device import Device
 from .order import CallOrder
 from .packing import Unit
-from .placement import DeviceMemory
 from .profile import Profile
 from .ring import Extent, Ring
 from .simulator import Span, Timeline
 from .threads import owned_by_one_thread
+
+if TYPE_CHECKING:
+    from .placement import DeviceMemory  # which imports this module
 
 _KEPT_OFFSETS = 4  # ring offsets per unit whose views are kept
 

@@ -32,10 +32,9 @@ from .figures import EngineSnapshot, StreamFigures
 from .options import GIB
 from .order import ModuleCalls
 from .packing import TensorSpec, Unit, layout
-from .placement import DeviceMemory
+from .placement import Placement
 from .planner import Plan, plan_for_profile, plan_residency
 from .profile import Profile
-from .runtime import StepRuntime
 from .simulator import Timeline
 from .threads import owned_by_one_thread
 
@@ -69,7 +68,7 @@ class StreamEngine:
         self.timeline: Timeline | None = None  # copies and compute of the last timed step
         self._time_next = False
         self._figures = StreamFigures()
-        self.attached: _Placement | None = None
+        self.attached: Placement | None = None
         self._lock = threading.RLock()
 
     @property
@@ -287,7 +286,7 @@ class StreamEngine:
         if order is None and self.attached is not None:
             order = self.attached.runtime.order.order
         self.detach()
-        self.attached = _Placement(self, device, plan, self._fixed_tensors(), depth, check_interrupt, order)
+        self.attached = Placement(self.units, device, plan, self._fixed_tensors(), depth, check_interrupt, order)
         self.begin_run()
 
     def _replace(self, device: Device, budget_bytes: int | None, plan: Plan | None = None) -> None:
@@ -308,54 +307,6 @@ class StreamEngine:
                     if t is not None and (id(module), name) not in streamed:
                         out.append((module, name, t.data if not is_buffer else t, is_buffer))
         return out
-
-
-@owned_by_one_thread
-class _Placement:
-    """One attach: the plan's device memory and the step runtime over it."""
-
-    def __init__(self, engine: StreamEngine, device: Device, plan: Plan,
-                 fixed: list[tuple[nn.Module, str, torch.Tensor, bool]], prefetch_depth: int | None,
-                 check_interrupt: Callable[[], None] | None, order: list[int] | None):
-        self.engine, self.device, self.plan = engine, device, plan
-        self.prefetch_depth, self.check_interrupt = prefetch_depth, check_interrupt
-        self.memory = DeviceMemory(engine.units, fixed, device, plan)
-        try:
-            self.runtime = StepRuntime(engine.units, self.memory, order or list(range(len(engine.units))),
-                                       check_interrupt)
-        except BaseException:
-            device.synchronize()  # the placement's copies may still be in flight
-            self.memory.close()
-            raise
-
-    @property
-    def held_bytes(self) -> int:
-        return self.memory.held_bytes
-
-    def fresh_figures(self) -> StreamFigures:
-        self.runtime.reset_tally()  # copies made at placement are not this run's
-        return StreamFigures(
-            device=self.device.kind, budget_bytes=self.plan.budget_bytes, device_bytes=self.held_bytes,
-            peak_device_bytes=self.held_bytes, resident_units=len(self.plan.resident),
-            streamed_units=len(self.memory.streamed), slots=self.plan.slots, ring_bytes=self.plan.ring_bytes,
-            predicted_seconds=self.plan.predicted_seconds, notes=self.memory.pinning_notes())
-
-    def read_figures(self, figures: StreamFigures) -> None:
-        """Add the events counted since the last read to ``figures``."""
-        tally = self.runtime.take_tally()
-        figures.steps += tally.steps
-        figures.streamed_bytes += tally.streamed_bytes
-        figures.pageable_bytes += tally.pageable_bytes
-        figures.host_seconds += tally.host_seconds
-        for name, seconds in tally.seconds(self.device).items():
-            setattr(figures, name, getattr(figures, name) + seconds)
-
-    def end_step(self, completed: bool = True, key: tuple = ()) -> tuple[Profile | None, Timeline | None]:
-        return self.runtime.end_step(completed, key)
-
-    def close(self) -> None:
-        self.runtime.close()
-        self.memory.close()
 
 
 def shapes_of(args: tuple, kwargs: dict) -> tuple:

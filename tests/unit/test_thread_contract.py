@@ -53,7 +53,7 @@ def test_an_engine_refuses_calls_from_another_thread_and_serves_its_own():
     engine.attach(device_for(torch.device("cpu")), None)  # the owner may
     assert engine.attached is not None
     error = on_other_thread(lambda: engine.attached.end_step())
-    assert isinstance(error, ThreadContractError) and "_Placement.end_step" in str(error)
+    assert isinstance(error, ThreadContractError) and "Placement.end_step" in str(error)
     engine.close()
 
 
