@@ -53,3 +53,20 @@ def flux_profile(image_tokens=4096, text_tokens=512, double=19, single=38) -> Pr
     units = _units(image_tokens, text_tokens, double, single)
     return Profile(tuple(b for b, _ in units), tuple(range(len(units))), tuple(_seconds(units, _rate())),
                    BANDWIDTH, FIXED_BYTES, LEAD_S, TAIL_S, key=("flux", image_tokens, text_tokens))
+
+
+def whole_blocks(profile: Profile, double=19, single=38) -> Profile:
+    """``profile`` (a ``flux_profile``) with each block one unit: its chunks' bytes and compute summed."""
+    block_of = [b for b, n in enumerate([10] * double + [3] * single) for _ in range(n)]
+    unit_bytes = [0] * (double + single)
+    for unit, nbytes in enumerate(profile.unit_bytes):
+        unit_bytes[block_of[unit]] += nbytes
+    order, seconds = [], []
+    for unit, s in zip(profile.order, profile.entry_seconds):
+        if order and order[-1] == block_of[unit]:
+            seconds[-1] += s
+        else:
+            order.append(block_of[unit])
+            seconds.append(s)
+    return Profile(tuple(unit_bytes), tuple(order), tuple(seconds), profile.bandwidth, profile.fixed_bytes,
+                   profile.lead_seconds, profile.tail_seconds, key=profile.key)

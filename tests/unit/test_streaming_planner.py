@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # flux_profile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
 
-from flux_profile import flux_profile  # noqa: E402
+from flux_profile import flux_profile, whole_blocks  # noqa: E402
 from stream_bench import RING_UNITS  # noqa: E402
 from loader.planner import BudgetTooSmallError, plan_for_profile, plan_residency
 from loader.profile import Profile
@@ -190,3 +190,14 @@ def test_a_plan_is_remembered_for_its_profile_and_budget(flux):
     budget = budget_at(flux, 0.5)
     assert plan_for_profile(flux, budget) is plan_for_profile(flux, budget)
     assert plan_for_profile(flux, budget + 1) is not plan_for_profile(flux, budget)
+
+
+@pytest.mark.parametrize("fraction, chunks_at_most, blocks_at_least", [(0.25, 1.02, 1.05), (0.5, 1.03, 1.10)])
+def test_chunks_beat_whole_blocks_at_equal_budget(flux, fraction, chunks_at_most, blocks_at_least):
+    """Why blocks stream in 64 MiB chunks: at the same budget, a Flux double block of 680 MB needs
+    a ring of a few whole blocks, bytes that chunks spend on resident units. On the virtual clock
+    only: the host's cost per unit entry, which chunks multiply, is a GPU run's to weigh."""
+    budget = budget_at(flux, fraction)
+    bound = flux.bound_seconds(budget)
+    assert plan_for_profile(flux, budget).predicted_seconds <= chunks_at_most * bound
+    assert plan_for_profile(whole_blocks(flux), budget).predicted_seconds >= blocks_at_least * bound
