@@ -151,8 +151,8 @@ def split_block(block: nn.Module, chunk_bytes: int, first_call: dict[int, int] |
 
     The order is the registration order, or with ``first_call`` (each module's first call in a
     step, by id) the call order: a chunk then holds layers that run one after another, so it is
-    entered once a step (Flux registers a block's image layers before its text layers, and calls
-    them interleaved). Modules never called go last, in registration order.
+    entered once a step (ComfyUI's MMDiT joint block registers its context layers before its
+    image layers, and calls them interleaved). Modules never called go last, in registration order.
 
     In a split block, modules under chunk_bytes / 64 (norm scales, biases of their own) stay
     out of every chunk, so resident: attention reads its q/k norms between the qkv and proj

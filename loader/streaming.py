@@ -2,13 +2,13 @@
 
 At build time each block's parameters (or each chunk's, for large blocks) are packed into one
 host slab (``packing.py``); after the first streamed step the chunks are grouped again in the
-order their layers ran (``chunking.py``). ``attach`` places the model under a VRAM budget: the planner keeps
-the weights outside the blocks and a share of the units resident (``planner.py``), the rest is
-copied into a ring of R bytes during each step (``placement.py``, ``runtime.py``), in the call
-order learned from the last step (``order.py``). A step is bracketed by ``step()`` (in ComfyUI,
-by the patcher's model-function wrapper). The first streamed step at an activation shape is
-profiled (``profile.py``); from then on the plan that minimises the simulated step time
-(``simulator.py``) replaces the spread plan.
+order their layers ran (``chunking.py``). ``attach`` places the model under a VRAM budget: the
+planner keeps the weights outside the blocks and a share of the units resident
+(``planner.py``), the rest is copied into a ring of R bytes during each step (``placement.py``,
+``runtime.py``), in the call order learned from the last step (``order.py``). A step is
+bracketed by ``step()`` (in ComfyUI, by the patcher's model-function wrapper). The first
+streamed step at an activation shape is profiled (``profile.py``); from then on the plan that
+minimises the simulated step time (``simulator.py``) replaces the spread plan.
 
 Copies are byte copies of the stored dtype: streamed output is bit-identical to resident
 output, and dtype casts (fp8 → bf16 ...) happen on the device, in the model's own ops.
