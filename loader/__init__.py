@@ -6,8 +6,9 @@ from .manager import ModelEntry, ModelManager, get_manager
 from .options import GIB, LoadOptions
 from .params import LazyTensor, ParamStore
 from .planner import BudgetTooSmallError, Plan, plan_residency
+from .profile import shapes_of
 from .safetensors_file import ModelFileError, SafetensorsFile, read_header
-from .streaming import StreamEngine, StreamFigures, shapes_of
+from .streaming import StreamEngine, StreamFigures
 
 __all__ = [
     "GIB", "BudgetTooSmallError", "Device", "LazyTensor", "LoadOptions", "ModelEntry", "ModelFileError",

@@ -7,6 +7,7 @@ so a unit's parameters can be re-pointed at the slab, at a device copy, or at a 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,3 +181,14 @@ def repack(name: str, units: list[Unit], chunks: list[list[nn.Module]]) -> list[
     block = units[0].module
     sources = {(id(s.module), s.name): s.view(u.slab) for u in units for s in u.specs}
     return [Unit(f"{name}[{k}]", block, modules, sources=sources) for k, modules in enumerate(chunks)]
+
+
+def restore_host_views(units: list[Unit], wanted: Callable[[TensorSpec], bool]) -> int:
+    """Point the ``wanted`` parameters of ``units`` that no longer view their slab back at it
+    (when dtype and shape still match); returns how many were asked for."""
+    moved = [(u, s) for u in units for s in u.specs if not s.holds(u.slab) and wanted(s)]
+    for unit, spec in moved:
+        current = spec.get()
+        if current.dtype == spec.dtype and current.shape == spec.shape:
+            spec.point(spec.view(unit.slab))
+    return len(moved)

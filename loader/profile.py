@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -54,3 +56,9 @@ class Profile:
             return self.compute_seconds
         room = budget_bytes - self.fixed_bytes - max(self.unit_bytes, default=0)
         return max(self.compute_seconds, max(total - room, 0) / self.bandwidth)
+
+
+def shapes_of(args: tuple, kwargs: dict) -> tuple:
+    """The activation shapes of a step's inputs (resolution, batch, frames): a profile's key."""
+    tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
+    return tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor))

@@ -31,7 +31,7 @@ from .device import Device
 from .figures import EngineSnapshot, StreamFigures
 from .options import GIB
 from .order import ModuleCalls
-from .packing import TensorSpec, Unit, layout
+from .packing import TensorSpec, Unit, layout, restore_host_views
 from .placement import Placement
 from .planner import Plan, plan_for_profile, plan_residency
 from .profile import Profile
@@ -40,7 +40,7 @@ from .threads import owned_by_one_thread
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineSnapshot", "StreamConfig", "StreamEngine", "StreamFigures", "TensorSpec", "Unit", "shapes_of"]
+__all__ = ["EngineSnapshot", "StreamConfig", "StreamEngine", "StreamFigures", "TensorSpec", "Unit"]
 
 
 @owned_by_one_thread
@@ -172,14 +172,7 @@ class StreamEngine:
         the unpatched bytes, so ``wanted`` parameters (unpatched, back on the host) return to
         it instead. Returns how many were re-pointed.
         """
-        if self.attached is not None:
-            return 0
-        moved = [(u, s) for u in self.units for s in u.specs if not s.holds(u.slab) and wanted(s)]
-        for unit, spec in moved:
-            current = spec.get()
-            if current.dtype == spec.dtype and current.shape == spec.shape:
-                spec.point(spec.view(unit.slab))
-        return len(moved)
+        return 0 if self.attached is not None else restore_host_views(self.units, wanted)
 
     def close(self) -> None:
         """Detach and release pinned host memory (the model is being dropped)."""
@@ -307,9 +300,3 @@ class StreamEngine:
                     if t is not None and (id(module), name) not in streamed:
                         out.append((module, name, t.data if not is_buffer else t, is_buffer))
         return out
-
-
-def shapes_of(args: tuple, kwargs: dict) -> tuple:
-    """The activation shapes of a step's inputs (resolution, batch, frames): a profile's key."""
-    tensors = [*args, *(kwargs[k] for k in sorted(kwargs))]
-    return tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor))
