@@ -57,8 +57,7 @@ def regroup_block(units: list[Unit], regrouping: Regrouping) -> None:
     old = units[at[0]:at[-1] + 1]
     units[at[0]:at[-1] + 1] = repack(regrouping.name, old, regrouping.chunks)
     for unit in old:
-        if unit.pinned_on is not None:
-            unit.pinned_on.unpin(unit.slab)
+        unit.unpin()
 
 
 def entered_units(units: list[Unit], calls: list[nn.Module]) -> list[int]:

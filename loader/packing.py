@@ -111,6 +111,12 @@ class Unit:
             if p.data.data_ptr() == source.data_ptr():
                 p.data = view
 
+    def unpin(self) -> None:
+        """Undo the slab's page-locking, if a device did it."""
+        if self.pinned_on is not None:
+            self.pinned_on.unpin(self.slab)
+            self.pinned_on = None
+
     def weight_modules(self) -> list[nn.Module]:
         """The modules whose call enters this unit: those holding its parameters, and the block
         itself when the unit is the whole block."""

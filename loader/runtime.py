@@ -1,9 +1,9 @@
 """The per-step runtime: units entered in call order, streamed through the staging ring.
 
 While anything streams, forward pre-hooks on every unit's modules enter it (resident units only
-for the order and the profile); entering a streamed unit makes compute wait for its copy (an event: the host never
-blocks) and points its parameters at its extent of the ring; leaving it points them back at the
-host slab and, after its last entry of the step, releases the extent. After every entry and
+for the order and the profile); entering a streamed unit makes compute wait for its copy (an
+event: the host never blocks) and points its parameters at its extent of the ring; leaving it
+points them back at the host slab and, after its last entry of the step, releases the extent. After every entry and
 release, ``prefetch`` issues copies in call order, as far ahead as the ring has room, each
 waiting on the release of the bytes it overwrites; the last units of a step copy the next
 step's first. A unit entered out of the expected order drops the copies issued ahead (a wrong

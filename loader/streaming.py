@@ -179,9 +179,7 @@ class StreamEngine:
         with self._lock:
             self.detach()
             for unit in self.units:
-                if unit.pinned_on is not None:
-                    unit.pinned_on.unpin(unit.slab)
-                    unit.pinned_on = None
+                unit.unpin()
 
     @contextlib.contextmanager
     def step(self, key: tuple = ()):
